@@ -1,0 +1,209 @@
+"""The client-algorithm seam: plain PyTorch over one client's data and state, no Flower types.
+
+A method's client side gets what the server sent (named tensors), the client's
+persistent state (a dict the store keeps between rounds), its data and the
+config; it returns what goes back to the server, metrics and an example count.
+`PartialSharing` is the common case: a model whose parameters are split into
+shared ones (sent and aggregated) and personal ones (kept in the state).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fedkd.config import FedkdConfig
+from fedkd.models import FedModel, build_model
+
+Arrays = dict[str, Tensor]
+
+
+@dataclass
+class ClientData:
+    """One client's own train and test split, as tensors on the client's device."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+@dataclass
+class RoundInfo:
+    """Who and when: the seed of everything random in this client's round derives from it."""
+
+    partition_id: int
+    server_round: int
+    seed: int
+    server_config: dict[str, Any] = field(default_factory=dict)  # e.g. FedProx's "proximal-mu"
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A torch generator seeded by (seed, round, client, salt): data order is reproducible."""
+        entropy = np.random.SeedSequence([self.seed, self.server_round, self.partition_id, salt])
+        return torch.Generator().manual_seed(int(entropy.generate_state(1)[0]))
+
+
+@dataclass
+class TrainResult:
+    arrays: Arrays  # what goes back to the server (only what the method shares)
+    metrics: dict[str, float]  # at least "loss" and "accuracy" of the training pass
+    num_examples: int
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+class ClientAlgorithm(ABC):
+    """One method's client side. Subclasses are registered in `fedkd.registry`."""
+
+    #: which model a client evaluates: "global" or "personalized" (shown in the report)
+    evaluates: str = "global"
+
+    def __init__(self, cfg: FedkdConfig, settings: Any, input_shape: tuple[int, ...],
+                 num_classes: int, device: torch.device) -> None:
+        self.cfg, self.settings, self.device = cfg, settings, device
+        self.input_shape, self.num_classes = input_shape, num_classes
+
+    def build_model(self) -> FedModel:
+        """The run's model with the run's seeded initialization (identical on server and clients)."""
+        return build_model(self.cfg.model.name, self.input_shape, self.num_classes,
+                           self.cfg.experiment.seed).to(self.device)
+
+    @abstractmethod
+    def initial_arrays(self) -> Arrays:
+        """What the server starts from (the shared part of a freshly initialized model)."""
+
+    def global_model(self, received: Arrays) -> nn.Module | None:
+        """The global model built from what the server holds, if the method has one (central eval)."""
+        return None
+
+    @abstractmethod
+    def train(self, received: Arrays, state: dict[str, Any], data: ClientData,
+              info: RoundInfo) -> TrainResult:
+        """One round of local work; may read and update `state` in place."""
+
+    @abstractmethod
+    def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
+                 info: RoundInfo) -> EvalResult:
+        """Test accuracy of the model this client actually uses, on its own test split."""
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Shuffled mini-batch indices (a DataLoader is slower than this for in-memory tensors)."""
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
+
+
+def make_optimizer(params: Any, cfg: FedkdConfig) -> torch.optim.Optimizer:
+    """The optimizer named in `train.optimizer` with the run's lr, momentum, weight decay."""
+    t = cfg.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> EvalResult:
+    """Mean cross-entropy and accuracy of `model` on (x, y)."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start:start + batch_size])
+        target = y[start:start + batch_size]
+        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        correct += int((logits.argmax(1) == target).sum())
+    n = len(y)
+    return EvalResult(loss_sum / max(n, 1), correct / max(n, 1), n)
+
+
+class PartialSharing(ClientAlgorithm):
+    """A model split into shared parameters (aggregated by the server) and personal ones.
+
+    The personal ones live in `state["personal"]` between rounds; a client seeing
+    no personal state yet starts from the run's seeded initialization, as every
+    client of a FedAvg run starts from the same global model. Subclasses choose the
+    split with `is_personal` and may override `local_update` (the training loop).
+    FedAvg's client applies FedProx's proximal term when the server sends
+    `proximal-mu`.
+    """
+
+    evaluates = "personalized"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model = self.build_model()
+        self._init_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.personal_keys = [k for k in self._init_state if self.is_personal(k)]
+        self.shared_keys = [k for k in self._init_state if k not in set(self.personal_keys)]
+
+    def is_personal(self, key: str) -> bool:
+        """Whether state_dict entry `key` stays on the client (default: nothing does)."""
+        return False
+
+    def initial_arrays(self) -> Arrays:
+        return {k: self._init_state[k] for k in self.shared_keys}
+
+    def global_model(self, received: Arrays) -> nn.Module | None:
+        return self.load(received, {}) if not self.personal_keys else None
+
+    def load(self, received: Arrays, state: dict[str, Any]) -> FedModel:
+        """The model this client uses: received shared parameters + its own personal ones."""
+        personal = state.get("personal") or {k: self._init_state[k] for k in self.personal_keys}
+        merged = {**{k: self._init_state[k] for k in self.shared_keys}, **received, **personal}
+        self.model.load_state_dict(merged)
+        return self.model
+
+    def train(self, received: Arrays, state: dict[str, Any], data: ClientData,
+              info: RoundInfo) -> TrainResult:
+        model = self.load(received, state)
+        metrics = self.local_update(model, state, data, info, anchor=received)
+        sd = model.state_dict()
+        if self.personal_keys:
+            state["personal"] = {k: sd[k].detach().clone() for k in self.personal_keys}
+        return TrainResult({k: sd[k].detach() for k in self.shared_keys}, metrics,
+                           len(data.y_train))
+
+    def local_update(self, model: FedModel, state: dict[str, Any], data: ClientData,
+                     info: RoundInfo, anchor: Arrays) -> dict[str, float]:
+        """`train.local_epochs` of mini-batch training; the optimizer state persists in `state`."""
+        model.train()
+        optimizer = make_optimizer(model.parameters(), self.cfg)
+        if state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
+        mu = float(info.server_config.get("proximal-mu", 0.0))
+        prox = [(p, anchor[name].to(p.device)) for name, p in model.named_parameters()
+                if mu > 0 and name in anchor]
+        generator = info.generator()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for _ in range(self.cfg.train.local_epochs):
+            for idx in batches(len(data.y_train), self.cfg.train.batch_size, generator):
+                x, y = data.x_train[idx], data.y_train[idx]
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits, y)
+                objective = loss
+                if prox:
+                    objective = loss + mu / 2 * sum((p - g).pow(2).sum() for p, g in prox)
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+        opt_state = optimizer.state_dict()
+        if opt_state["state"]:
+            state["optimizer"] = opt_state
+        return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1)}
+
+    def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
+                 info: RoundInfo) -> EvalResult:
+        return evaluate_model(self.load(received, state), data.x_test, data.y_test)

@@ -1,0 +1,93 @@
+"""Flower's ServerApp and ClientApp for fedkd (Message API).
+
+The ClientApp is module-level so Ray workers import it; it reads everything it
+needs from the message (partition ids, the resolved run config, the state
+directory). `build_server_app` closes over one run; the module-level
+`server_app` serves `flwr run .` (config path and overrides from the run config).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
+
+from fedkd.config import FedkdConfig, load_config, to_yaml
+from fedkd.recorder import Recorder
+from fedkd.runtime import runtime_for
+from fedkd.server import build_strategy
+from fedkd.wire import (CONFIG_KEY, MODE_KEY, PIDS_KEY, STATE_DIR_KEY, arrays_to_tensors,
+                        pack_reply)
+
+client_app = ClientApp()
+
+
+def _serve_group(msg: Message, phase: str) -> Message:
+    """Run every client of this node's group in turn; one reply for the group."""
+    config = msg.content["config"]
+    runtime = runtime_for(str(config[CONFIG_KEY]), str(config[STATE_DIR_KEY]))
+    received = arrays_to_tensors(msg.content["arrays"]) if "arrays" in msg.content else {}
+    server_round = int(config["server-round"])
+    server_config = {k: v for k, v in config.items()
+                     if k not in (CONFIG_KEY, PIDS_KEY, MODE_KEY, STATE_DIR_KEY)}
+    outcomes = [runtime.run(phase, int(pid), received, server_round, server_config)
+                for pid in config[PIDS_KEY]]
+    return Message(content=pack_reply(outcomes, str(config[MODE_KEY])), reply_to=msg)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _serve_group(msg, "train")
+
+
+@client_app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _serve_group(msg, "evaluate")
+
+
+def run_server(grid: Grid, cfg: FedkdConfig, run_dir: Path, recorder: Recorder) -> Result:
+    """The whole federated run on the server side; returns Flower's Result."""
+    strategy, initial, evaluate_fn = build_strategy(cfg, recorder)
+    run_config = ConfigRecord({STATE_DIR_KEY: str(run_dir / "state")})
+    try:
+        return strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
+                              num_rounds=cfg.train.rounds, timeout=cfg.simulation.timeout,
+                              train_config=run_config, evaluate_config=ConfigRecord(dict(run_config)),
+                              evaluate_fn=evaluate_fn)
+    finally:
+        strategy.finish_round()
+
+
+def build_server_app(cfg: FedkdConfig, run_dir: Path, recorder: Recorder,
+                     results: dict) -> ServerApp:
+    """A ServerApp for one run; Flower's Result lands in `results["result"]`."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        results["result"] = run_server(grid, cfg, run_dir, recorder)
+
+    return app
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _flwr_run_main(grid: Grid, context: Context) -> None:
+    """`flwr run .`: config path and overrides come from `[tool.flwr.app.config]`."""
+    from fedkd.simulation import prepare_run_dir
+
+    cfg = load_config(str(context.run_config["config"]),
+                      shlex.split(str(context.run_config.get("overrides", ""))))
+    run_dir = prepare_run_dir(cfg)
+    recorder = Recorder(run_dir)
+    try:
+        run_server(grid, cfg, run_dir, recorder)
+    finally:
+        recorder.close()
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))

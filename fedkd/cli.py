@@ -1,0 +1,188 @@
+"""`fedkd` command line: run, sweep, list, report, compare."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+
+from fedkd.config import ConfigError, load_config
+
+console = Console()
+err = Console(stderr=True)
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit code 2, one line, no traceback)."""
+
+
+def _print_result(run_dir: Path) -> None:
+    from fedkd.report import client_table
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    console.print(client_table(run_dir))
+    acc = summary.get("accuracy")
+    headline = "n/a" if acc is None else f"{acc:.4f}"
+    console.print(f"last-round accuracy (example-weighted): [bold]{headline}[/]   "
+                  f"unweighted mean {summary.get('accuracy_unweighted')}, "
+                  f"worst-10% {summary.get('accuracy_worst10')}")
+    if summary.get("failures"):
+        console.print(f"[red]{summary['failures']} client call(s) failed; see the report[/]")
+    console.print(f"report: {run_dir / 'report.md'}  (html: {run_dir / 'report.html'})")
+
+
+def _report_failures(run_dir: Path) -> None:
+    """Each failed client's own traceback, named by partition id."""
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("status") == "failed":
+            err.print(f"[red]client {rec['partition_id']} failed in round {rec['round']} "
+                      f"({rec['phase']}):[/]\n{rec['error']}", markup=True, highlight=False)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedkd.simulation import run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = run_experiment(cfg, args.run_dir, quiet=args.quiet)
+    _report_failures(run_dir)
+    _print_result(run_dir)
+    return 0
+
+
+def parse_grid(items: Sequence[str]) -> list[list[str]]:
+    """`a=1,2 b=x` -> [[a=1, b=x], [a=2, b=x]] (the sweep's grid of overrides)."""
+    axes = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, item, "sweep axes are written key=v1,v2,...")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedkd.ray_cluster import warm_ray
+    from fedkd.report import sweep_table
+    from fedkd.simulation import run_experiment
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    grid = parse_grid(args.grid)
+    out = Path(args.out)
+    plans = []
+    for combo in grid:  # validate everything before the first simulation starts
+        label = "-".join(o.partition("=")[2] for o in combo) or Path(args.config).stem
+        for seed in seeds:
+            cfg = load_config(args.config, [*combo, f"experiment.seed={seed}"])
+            plans.append((label, seed, cfg))
+    rows = []
+    with warm_ray(enabled=any(not (out / lab / f"seed{s}.json").exists() for lab, s, _ in plans)) as address:
+        for label, seed, cfg in plans:
+            result = out / label / f"seed{seed}.json"
+            if not result.exists():
+                if address:
+                    cfg.simulation.ray_address = address
+                err.print(f"[bold]{label} seed {seed}[/]")
+                run_dir = out / label / f"seed{seed}"
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)  # an interrupted run restarts cleanly
+                run_experiment(cfg, run_dir, quiet=args.quiet)
+                shutil.copyfile(run_dir / "summary.json", result)
+            rows.append({"run": label, "seed": seed, **json.loads(result.read_text())})
+    table = sweep_table(rows)
+    (out / "sweep.md").write_text(table + "\n")
+    console.print(table)
+    console.print(f"table: {out / 'sweep.md'}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from fedkd.data import DATASETS
+    from fedkd.models import MODELS
+    from fedkd.registry import METHODS
+    from fedkd.strategies.flower import STRATEGIES
+
+    for title, rows in (("methods", {k: v.description for k, v in METHODS.items()}),
+                        ("strategies", {k: v.description for k, v in STRATEGIES.items()}),
+                        ("models", MODELS), ("datasets", DATASETS)):
+        table = Table(title=title, show_header=False)
+        for name, text in rows.items():
+            table.add_row(name, text)
+        console.print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedkd.report import write_outputs
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").exists():
+        raise UsageError(f"{run_dir}: not a run directory (no metrics.jsonl)")
+    write_outputs(run_dir)
+    _print_result(run_dir)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedkd.report import compare
+
+    dirs = [Path(d) for d in args.run_dirs]
+    for d in dirs:
+        if not (d / "metrics.jsonl").exists():
+            raise UsageError(f"{d}: not a run directory (no metrics.jsonl)")
+    console.print(compare(dirs, Path(args.out) if args.out else None))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedkd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run one experiment: CONFIG [key=value ...]")
+    p.add_argument("config", help="YAML file, e.g. configs/experiment/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. strategy.name=fedprox")
+    p.add_argument("--run-dir", help="where to write the run (default <output_dir>/<name>-<time>)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("sweep", help="grid of runs x seeds, resumable, one mean ± std table")
+    p.add_argument("config")
+    p.add_argument("grid", nargs="*", help="key=v1,v2 axes (and plain key=value overrides)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--out", default="runs/sweep", help="results: OUT/<label>/seed<k>.json")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("list", help="methods, strategies, models, datasets")
+    p.set_defaults(fn=cmd_list)
+    p = sub.add_parser("report", help="re-render a run directory's report")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("compare", help="side-by-side table and plot of several runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", help="where compare.md/png go")
+    p.set_defaults(fn=cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fedkd.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, UsageError) as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

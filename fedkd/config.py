@@ -1,0 +1,249 @@
+"""Structured run configuration: YAML + `key=value` overrides, validated before any simulation.
+
+OmegaConf checks keys and types against the dataclasses below; ranges and names
+are checked here from each field's metadata (`min`, `max`, `gt`, `lt`, `choices`),
+so every error names the key, the value and what is allowed, in one line.
+The `method` and `strategy` sections are open dicts here: each is validated
+against its own schema (the method's dataclass, the Flower strategy's signature)
+by `fedkd.registry`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DATA_DIR_ENV = "FEDKD_DATA_DIR"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r}: {allowed}")
+
+
+def suggest(name: str, options: Iterable[str]) -> str:
+    """'allowed: a, b, c' plus the closest option for a typo."""
+    options = sorted(options)
+    close = difflib.get_close_matches(name, options, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"allowed: {', '.join(options)}{hint}"
+
+
+def check_choice(key: str, value: str, options: Iterable[str]) -> None:
+    """Raise a ConfigError if `value` is not one of `options`."""
+    options = list(options)
+    if value not in options:
+        raise ConfigError(key, value, f"unknown name; {suggest(value, options)}")
+
+
+def _f(default: Any, **meta: Any) -> Any:
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "quickstart"
+    seed: int = _f(0, min=0)
+    output_dir: str = "runs"
+
+
+@dataclass
+class PartitionerConfig:
+    """How a pooled dataset is split over clients (flwr-datasets partitioners)."""
+
+    name: str = _f("iid", choices=("iid", "dirichlet", "pathological", "shard", "given"))
+    alpha: float = _f(0.5, gt=0.0)
+    classes_per_client: int = _f(2, min=1)
+    shards_per_client: int = _f(2, min=1)
+    min_partition_size: int = _f(10, min=0)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist5k"
+    data_dir: str = ""  # "" -> $FEDKD_DATA_DIR -> ./data
+    num_clients: int = _f(10, min=1)
+    partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
+    test_fraction: float = _f(0.25, gt=0.0, lt=1.0)
+    hf_image_key: str = "image"  # for `hf:<name>` datasets
+    hf_label_key: str = "label"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = _f(5, min=1)
+    local_epochs: int = _f(1, min=1)
+    batch_size: int = _f(10, min=1)
+    optimizer: str = _f("sgd", choices=("sgd", "adam"))
+    lr: float = _f(0.01, gt=0.0)
+    momentum: float = _f(0.0, min=0.0, lt=1.0)
+    weight_decay: float = _f(0.0, min=0.0)
+    fraction_clients: float = _f(1.0, gt=0.0, max=1.0)
+
+
+@dataclass
+class EvaluationConfig:
+    every: int = _f(1, min=1)
+    fraction_clients: float = _f(1.0, gt=0.0, max=1.0)
+    central: bool = True  # evaluate the global model on the dataset's global test set
+
+
+@dataclass
+class SimulationConfig:
+    client_cpus: float = _f(1.0, gt=0.0)
+    client_gpus: float = _f(0.0, min=0.0, max=1.0)
+    num_nodes: int = _f(0, min=0)  # Flower nodes; 0 = one per Ray actor, num_clients = plain mapping
+    ray_address: str = ""  # join an existing Ray cluster instead of starting one
+    timeout: float = _f(3600.0, gt=0.0)
+
+
+@dataclass
+class DeviceConfig:
+    type: str = _f("cpu", choices=("cpu", "cuda", "auto"))
+    threads_per_client: int = _f(1, min=1)
+
+
+@dataclass
+class FaultConfig:
+    """Deliberate client failures, to exercise failure handling."""
+
+    clients: list[int] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
+    phase: str = _f("train", choices=("train", "evaluate"))
+
+
+@dataclass
+class FedkdConfig:
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+    strategy: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+
+def _check_ranges(obj: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key + ".")
+            continue
+        meta = f.metadata
+        if "choices" in meta:
+            check_choice(key, value, meta["choices"])
+        bounds = [("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
+                  ("gt", lambda v, b: v > b, ">"), ("lt", lambda v, b: v < b, "<")]
+        broken = [f"{sym} {meta[k]}" for k, ok, sym in bounds if k in meta and not ok(value, meta[k])]
+        if broken:
+            limits = " and ".join(f"{sym} {meta[k]}" for k, _, sym in bounds if k in meta)
+            raise ConfigError(key, value, f"must be {limits}")
+
+
+def check_fields(obj: Any, prefix: str) -> None:
+    """Range/choice checks for any dataclass instance built with `_f` metadata (methods use it too)."""
+    _check_ranges(obj, prefix)
+
+
+def _omegaconf_error(exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        parent_key, _, leaf = key.rpartition(".")
+        node = _schema_node(parent_key)
+        options = list(node.keys()) if isinstance(node, DictConfig) else []
+        return ConfigError(key, leaf, f"unknown key; {suggest(leaf, options)}")
+    if isinstance(exc, ValidationError):
+        expected = getattr(exc, "ref_type", None) or getattr(exc, "object_type", None)
+        msg = str(exc).splitlines()[0]
+        return ConfigError(key, getattr(exc, "value", None) if hasattr(exc, "value") else "?",
+                           f"wrong type ({msg})" if expected is None else f"wrong type: {msg}")
+    return ConfigError(key, "?", str(exc).splitlines()[0])
+
+
+def _schema_node(key: str) -> Any:
+    node: Any = OmegaConf.structured(FedkdConfig)
+    for part in filter(None, key.split(".")):
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    return node
+
+
+def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
+    items = list(overrides)
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(item, item, "overrides are written key=value, e.g. data.num_clients=20")
+    return OmegaConf.from_dotlist(items)
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    """Load a YAML file, following `defaults: [other.yaml, ...]` (paths relative to `configs/`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config", str(path), "file not found")
+    raw = OmegaConf.load(path)
+    assert isinstance(raw, DictConfig)
+    parents = raw.pop("defaults", [])
+    merged = OmegaConf.create()
+    for parent in parents:
+        parent_path = CONFIG_DIR / parent
+        if not parent_path.is_file():
+            parent_path = path.parent / parent
+        merged = OmegaConf.merge(merged, load_yaml(parent_path))
+    return OmegaConf.merge(merged, raw)  # type: ignore[return-value]
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> FedkdConfig:
+    """YAML file + overrides -> validated FedkdConfig (method/strategy checked by `fedkd.registry`)."""
+    from fedkd import registry  # local import: registry imports this module
+
+    schema = OmegaConf.structured(FedkdConfig)
+    try:
+        layers = [OmegaConf.load(CONFIG_DIR / "defaults.yaml")]
+        if path is not None:
+            layers.append(load_yaml(path))
+        overrides_cfg = _parse_overrides(overrides)
+        user = OmegaConf.merge(*layers)
+        user = registry.apply_section_defaults(user, overrides_cfg)
+        merged = OmegaConf.merge(schema, user, overrides_cfg)
+        cfg: FedkdConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc) from None
+    _check_ranges(cfg)
+    registry.validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: FedkdConfig) -> str:
+    """The resolved config as YAML (saved with every run, sent to clients)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> FedkdConfig:
+    """Inverse of `to_yaml` for an already validated config (no registry checks)."""
+    merged = OmegaConf.merge(OmegaConf.structured(FedkdConfig), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def data_dir(cfg: DataConfig) -> Path:
+    """Where data files are read from: config key, then $FEDKD_DATA_DIR, then ./data."""
+    return Path(cfg.data_dir or os.environ.get(DATA_DIR_ENV, "") or "data").expanduser()

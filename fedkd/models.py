@@ -1,0 +1,175 @@
+"""Model zoo: every model is `features` (input -> flat vector) + `head` (vector -> logits).
+
+The split is what personalized / KD methods work with: FedPer/FedRep/LG-FedAvg share or
+keep the head, FedProto/FedDistill use the feature vector, and `low_level_blocks` names
+the early conv blocks for methods that share only low-level layers.
+Init is seeded locally so every client and the server build bit-identical models
+without touching the global torch RNG.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from fedkd.config import ConfigError, suggest
+
+MODELS: dict[str, str] = {
+    "cnn": "PFLlib FedAvgCNN: 2x(conv5x5+pool) -> fc 512 -> head (582,026 params on MNIST)",
+    "mlp": "FedAvg 2NN: flatten -> 200 -> 200 -> head",
+    "resnet8": "CIFAR-style ResNet-8: BasicBlocks, widths 16/32/64, BatchNorm, global avg pool",
+    "resnet10": "ResNet-10: ResNet-18 layout with 1 BasicBlock/stage, widths 64-512, BatchNorm",
+}
+
+
+class FedModel(nn.Module):
+    """Every model = feature extractor + head, so personalized methods can share or keep either part."""
+
+    def __init__(
+        self,
+        features: nn.Module,
+        head: nn.Module,
+        feature_dim: int,
+        low_level_blocks: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.feature_dim = feature_dim
+        self.low_level_blocks = low_level_blocks
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    def head_keys(self) -> list[str]:
+        """state_dict keys of the head (buffers included), in state_dict order."""
+        return [k for k in self.state_dict() if k.startswith("head.")]
+
+
+def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ConfigError(
+            "model.name", name, f"needs a CxHxW image input, got input_shape={tuple(input_shape)}"
+        )
+    c, h, w = input_shape
+    return c, h, w
+
+
+def _cnn_out(size: int, pad: int) -> int:
+    """Spatial size after two (conv5x5 with `pad`, maxpool 2) stages; <= 0 if it collapses."""
+    for _ in range(2):
+        size = size + 2 * pad - 4
+        if size < 2:
+            return 0
+        size //= 2
+    return size
+
+
+def _cnn(name: str, input_shape: tuple[int, ...], num_classes: int) -> FedModel:
+    """FedAvgCNN. Inputs too small for unpadded 5x5 convs (e.g. 8x8) get padding=2 ('same')
+    so the net still runs; 28x28 and 32x32 keep PFLlib's exact unpadded layout."""
+    c, h, w = _image_shape(name, input_shape)
+    pad = 0 if min(_cnn_out(h, 0), _cnn_out(w, 0)) >= 1 else 2
+    oh, ow = _cnn_out(h, pad), _cnn_out(w, pad)
+    if min(oh, ow) < 1:
+        raise ConfigError(
+            "model.name", name, f"input {h}x{w} too small for the CNN (needs at least 4x4)"
+        )
+    dim = 64 * oh * ow
+    features = nn.Sequential(
+        OrderedDict(
+            conv1=nn.Sequential(nn.Conv2d(c, 32, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+            conv2=nn.Sequential(nn.Conv2d(32, 64, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+            flatten=nn.Flatten(),
+            fc1=nn.Sequential(nn.Linear(dim, 512), nn.ReLU(inplace=True)),
+        )
+    )
+    return FedModel(features, nn.Linear(512, num_classes), 512, ("features.conv1", "features.conv2"))
+
+
+def _mlp(name: str, input_shape: tuple[int, ...], num_classes: int) -> FedModel:
+    """FedAvg paper's 2NN; accepts any input shape (flattened)."""
+    if not input_shape or min(input_shape) < 1:
+        raise ConfigError("model.name", name, f"bad input_shape={tuple(input_shape)}")
+    features = nn.Sequential(
+        OrderedDict(
+            flatten=nn.Flatten(),
+            fc1=nn.Sequential(nn.Linear(math.prod(input_shape), 200), nn.ReLU(inplace=True)),
+            fc2=nn.Sequential(nn.Linear(200, 200), nn.ReLU(inplace=True)),
+        )
+    )
+    return FedModel(features, nn.Linear(200, num_classes), 200, ())
+
+
+class BasicBlock(nn.Module):
+    """ResNet BasicBlock: two 3x3 conv-BN, identity or 1x1-conv-BN shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def _resnet(widths: tuple[int, ...]) -> Callable[[str, tuple[int, ...], int], FedModel]:
+    """CIFAR-style ResNet, 1 BasicBlock per stage: 3x3 stride-1 stem, stride 2 from stage 2,
+    global average pooling (so any HxW >= 1 works, e.g. 28x28 and 32x32)."""
+
+    def build(name: str, input_shape: tuple[int, ...], num_classes: int) -> FedModel:
+        c, _, _ = _image_shape(name, input_shape)
+        layers: OrderedDict[str, nn.Module] = OrderedDict(
+            stem=nn.Sequential(
+                nn.Conv2d(c, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+            )
+        )
+        cin = widths[0]
+        for i, cout in enumerate(widths):
+            layers[f"layer{i + 1}"] = BasicBlock(cin, cout, 1 if i == 0 else 2)
+            cin = cout
+        layers["pool"] = nn.AdaptiveAvgPool2d(1)
+        layers["flatten"] = nn.Flatten()
+        features = nn.Sequential(layers)
+        for m in features.modules():  # torchvision-style init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        return FedModel(features, nn.Linear(cin, num_classes), cin, ("features.stem", "features.layer1"))
+
+    return build
+
+
+_BUILDERS: dict[str, Callable[[str, tuple[int, ...], int], FedModel]] = {
+    "cnn": _cnn,
+    "mlp": _mlp,
+    "resnet8": _resnet((16, 32, 64)),
+    "resnet10": _resnet((64, 128, 256, 512)),
+}
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> FedModel:
+    """Build `name` with a seeded init: same arguments -> bit-identical state_dict.
+
+    The seed is applied inside `torch.random.fork_rng`, so the caller's global RNG is untouched.
+    """
+    if name not in _BUILDERS:
+        raise ConfigError("model.name", name, suggest(name, MODELS))
+    if num_classes < 1:
+        raise ConfigError("model.name", name, f"num_classes must be >= 1, got {num_classes}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _BUILDERS[name](name, tuple(input_shape), num_classes)

@@ -1,0 +1,71 @@
+"""Every client's metrics for every round, written as they arrive (metrics.jsonl).
+
+The grouped strategy calls it before anything is averaged, so per-client results
+survive aggregation, and lines are flushed at once, so a run that stops early
+keeps everything recorded so far.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+Listener = Callable[[str, int, int, int], None]  # phase, round, done, expected
+
+
+class Recorder:
+    """Appends one JSON line per client x round x phase to `metrics.jsonl`."""
+
+    def __init__(self, run_dir: str | Path, listener: Listener | None = None) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        self.listener = listener
+        self.failures: list[dict[str, Any]] = []
+        self._expected: dict[tuple[str, int], int] = {}
+        self._done: dict[tuple[str, int], int] = {}
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def expect(self, phase: str, server_round: int, clients: int) -> None:
+        """How many client records this round's phase should produce (for progress display)."""
+        self._expected[(phase, server_round)] = clients
+        self._done[(phase, server_round)] = 0
+        if self.listener:
+            self.listener(phase, server_round, 0, clients)
+
+    def client(self, server_round: int, phase: str, partition_id: int,
+               metrics: dict[str, Any] | None, error: str | None) -> None:
+        """One client's outcome: its metrics, or the error (with traceback) it raised."""
+        m = metrics or {}
+        record = {
+            "round": server_round, "phase": phase, "partition_id": partition_id,
+            "status": "ok" if error is None else "failed",
+            "num_examples": int(m.get("num-examples", 0)),
+            "loss": m.get("loss"), "accuracy": m.get("accuracy"),
+            "seconds": float(m.get("seconds", 0.0)),
+            "bytes_received": int(m.get("bytes-received", 0)),
+            "bytes_sent": int(m.get("bytes-sent", 0)),
+            "worker_pid": int(m["worker-pid"]) if "worker-pid" in m else None,
+            "error": error,
+        }
+        self.write(record)
+        if error is not None:
+            self.failures.append(record)
+        key = (phase, server_round)
+        self._done[key] = self._done.get(key, 0) + 1
+        if self.listener:
+            self.listener(phase, server_round, self._done[key], self._expected.get(key, 0))
+
+    def central(self, server_round: int, loss: float, accuracy: float, num_examples: int) -> None:
+        self.write({"round": server_round, "phase": "central", "loss": loss,
+                    "accuracy": accuracy, "num_examples": num_examples})
+
+    def round_time(self, server_round: int, seconds: float) -> None:
+        self.write({"round": server_round, "phase": "round", "seconds": seconds})
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,101 @@
+"""Runs a method's client algorithm for one client: data, state, device, timing, failure capture.
+
+Both execution paths use it: the ClientApp inside a Ray worker (one runtime per
+process, cached by config) and a plain in-process loop (`run_direct`, the
+reference that the one-client simulation must reproduce). Threads per client
+are set here, so every path trains under the same torch thread count.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedkd import registry
+from fedkd.clients.base import Arrays, ClientAlgorithm, ClientData, RoundInfo
+from fedkd.config import FedkdConfig, from_yaml
+from fedkd.data import FederatedData, load_federated
+from fedkd.state import ClientStateStore
+from fedkd.wire import NUM_EXAMPLES, ClientOutcome, as_tensor_dict, nbytes
+
+
+def resolve_device(kind: str) -> torch.device:
+    """`cpu`, `cuda`, or `auto` (cuda when available)."""
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(kind)
+
+
+class InjectedFailure(RuntimeError):
+    """Raised for clients listed in the `faults` config section."""
+
+
+class ClientRuntime:
+    """Everything one process needs to run any client of one run."""
+
+    def __init__(self, cfg: FedkdConfig, state_dir: str | Path) -> None:
+        self.cfg = cfg
+        torch.set_num_threads(cfg.device.threads_per_client)
+        self.device = resolve_device(cfg.device.type)
+        self.data: FederatedData = load_federated(cfg.data, cfg.experiment.seed)
+        spec = registry.METHODS[cfg.method["name"]]
+        self.algorithm: ClientAlgorithm = spec.client(
+            cfg, registry.method_settings(cfg), self.data.input_shape, self.data.num_classes,
+            self.device)
+        self.store = ClientStateStore(state_dir)
+        self._tensors: dict[int, ClientData] = {}
+
+    def client_data(self, pid: int) -> ClientData:
+        """A client's split as tensors on the device (converted once per process)."""
+        if pid not in self._tensors:
+            split = self.data.clients[pid]
+            as_t = lambda a: torch.as_tensor(a).to(self.device)  # noqa: E731
+            self._tensors[pid] = ClientData(as_t(split.x_train), as_t(split.y_train).long(),
+                                            as_t(split.x_test), as_t(split.y_test).long())
+        return self._tensors[pid]
+
+    def _inject(self, pid: int, server_round: int, phase: str) -> None:
+        f = self.cfg.faults
+        if pid in f.clients and phase == f.phase and (not f.rounds or server_round in f.rounds):
+            raise InjectedFailure(f"injected failure: client {pid}, round {server_round}, {phase}")
+
+    def run(self, phase: str, pid: int, received: Arrays, server_round: int,
+            server_config: dict[str, Any]) -> ClientOutcome:
+        """One client's train or evaluate call; an exception becomes a failed outcome with traceback."""
+        started = time.perf_counter()
+        try:
+            self._inject(pid, server_round, phase)
+            info = RoundInfo(pid, server_round, self.cfg.experiment.seed, server_config)
+            data = self.client_data(pid)
+            on_device = {k: v.to(self.device) for k, v in received.items()}
+            state = self.store.load(pid)
+            metrics: dict[str, float]
+            arrays = None
+            if phase == "train":
+                result = self.algorithm.train(on_device, state, data, info)
+                self.store.save(pid, state)
+                arrays = as_tensor_dict(result.arrays)
+                metrics = {**result.metrics, NUM_EXAMPLES: result.num_examples}
+            else:
+                ev = self.algorithm.evaluate(on_device, state, data, info)
+                metrics = {"loss": ev.loss, "accuracy": ev.accuracy, NUM_EXAMPLES: ev.num_examples}
+            metrics.update({"seconds": time.perf_counter() - started,
+                            "bytes-received": nbytes(received),
+                            "bytes-sent": nbytes(arrays) if arrays else 0,
+                            "worker-pid": os.getpid()})
+            return ClientOutcome(pid, metrics, arrays)
+        except Exception:  # a failing client must not take its group down
+            return ClientOutcome(pid, {}, None, f"client {pid} (round {server_round}, {phase}):\n"
+                                               f"{traceback.format_exc()}")
+
+
+@lru_cache(maxsize=2)
+def runtime_for(config_yaml: str, state_dir: str) -> ClientRuntime:
+    """One runtime per process and run: the data and model are built once, not per message."""
+    return ClientRuntime(from_yaml(config_yaml), state_dir)

@@ -1,0 +1,206 @@
+"""Run any Flower strategy over fedkd's clients, several clients per Flower node.
+
+Flower costs ~11-26 ms per message (see the overhead benchmark), so one node per
+client makes a round cost grow with N. Here the number of messages per round is
+the number of nodes (one per Ray actor by default); each message names the
+partition ids its node serves. Every client keeps its identity: fedkd samples
+clients (not nodes) from the seed, each client's metrics come back separately
+and are recorded before anything is averaged, and a client that raises is
+recorded with its own traceback while its group goes on.
+
+What the wrapped strategy sees:
+- mean-based strategies (FedAvg, FedProx, FedAvgM, FedAdam, ...): one reply per
+  node carrying the example-weighted mean of its clients and their total
+  example count, which averages to exactly FedAvg over clients;
+- every other strategy (median, trimmed mean, Krum, ...): one reply per client,
+  expanded from the group reply, so robust rules see every client's own update.
+Replies reach the wrapped strategy sorted by partition id, not arrival order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fedkd.recorder import Recorder
+from fedkd.wire import (CLIENT_METRIC_PREFIX, CONFIG_KEY, MODE_KEY, NUM_EXAMPLES, PIDS_KEY,
+                        STATUS_KEY, client_arrays_key, ok_ids)
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """Which clients take part when, and which node serves them."""
+
+    num_clients: int
+    seed: int
+    rounds: int
+    train_fraction: float
+    eval_fraction: float
+    eval_every: int
+    work: tuple[int, ...]  # train examples per client, to balance nodes
+
+    def sample(self, server_round: int, phase: str) -> list[int]:
+        """Seeded client sampling: a fraction of partition ids, sorted."""
+        fraction = self.train_fraction if phase == "train" else self.eval_fraction
+        k = max(1, int(round(fraction * self.num_clients)))
+        if k >= self.num_clients:
+            return list(range(self.num_clients))
+        rng = np.random.default_rng([self.seed, server_round, 0 if phase == "train" else 1])
+        return sorted(int(p) for p in rng.choice(self.num_clients, size=k, replace=False))
+
+    def evaluates(self, server_round: int) -> bool:
+        """Every `eval_every` rounds and after the last."""
+        return server_round % self.eval_every == 0 or server_round == self.rounds
+
+    def assign(self, pids: list[int], node_ids: list[int]) -> dict[int, list[int]]:
+        """Largest-first greedy balance of train examples over nodes (deterministic)."""
+        load = {node: 0 for node in node_ids}
+        groups: dict[int, list[int]] = {node: [] for node in node_ids}
+        for pid in sorted(pids, key=lambda p: (-self.work[p], p)):
+            node = min(node_ids, key=lambda n: (load[n], n))
+            groups[node].append(pid)
+            load[node] += max(self.work[pid], 1)
+        return {node: sorted(g) for node, g in groups.items() if g}
+
+
+class GroupedClients(Strategy):
+    """Wraps a Flower strategy; see the module docstring."""
+
+    def __init__(self, inner: Strategy, plan: ClientPlan, recorder: Recorder, mean_based: bool,
+                 shares_arrays: bool, client_config: str,
+                 on_round_end: Callable[[int], None] | None = None) -> None:
+        self.inner, self.plan, self.recorder = inner, plan, recorder
+        self.mean_based, self.shares_arrays = mean_based, shares_arrays
+        self.client_config = client_config  # the resolved run config, sent to every node
+        self._groups: dict[str, dict[int, list[int]]] = {}
+        self._round_start: tuple[int, float] | None = None
+        self.on_round_end = on_round_end
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def _round_begins(self, server_round: int) -> None:
+        self.finish_round()
+        self._round_start = (server_round, time.perf_counter())
+
+    def finish_round(self) -> None:
+        """Record the wall time of the round in progress (called at the next round and at the end)."""
+        if self._round_start is not None:
+            rnd, started = self._round_start
+            self.recorder.round_time(rnd, time.perf_counter() - started)
+            self._round_start = None
+            if self.on_round_end:
+                self.on_round_end(rnd)
+
+    # -- messages out ----------------------------------------------------------------------------
+    def _spread(self, template: list[Message], phase: str, server_round: int,
+                pids: list[int]) -> list[Message]:
+        """One message per node that serves a group of the sampled clients."""
+        if not template or not pids:
+            return []
+        nodes = sorted({m.metadata.dst_node_id for m in template})
+        groups = self.plan.assign(pids, nodes)
+        self._groups[phase] = groups
+        base = template[0].content
+        arrays = base["arrays"] if "arrays" in base else ArrayRecord()
+        config = dict(base["config"]) if "config" in base else {}
+        mode = "mean" if (self.mean_based or phase == "evaluate") else "each"
+        messages = []
+        for node, group in groups.items():
+            cfg = ConfigRecord({**config, "server-round": server_round, PIDS_KEY: group,
+                                MODE_KEY: mode, CONFIG_KEY: self.client_config})
+            messages.append(Message(content=RecordDict({"arrays": arrays, "config": cfg}),
+                                    message_type=template[0].metadata.message_type,
+                                    dst_node_id=node))
+        self.recorder.expect(phase, server_round, len(pids))
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._round_begins(server_round)
+        template = list(self.inner.configure_train(server_round, arrays, config, grid))
+        return self._spread(template, "train", server_round, self.plan.sample(server_round, "train"))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if not self.plan.evaluates(server_round):
+            return []
+        template = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        return self._spread(template, "evaluate", server_round,
+                            self.plan.sample(server_round, "evaluate"))
+
+    # -- replies in ------------------------------------------------------------------------------
+    def _unpack(self, server_round: int, phase: str,
+                replies: Iterable[Message]) -> list[tuple[int, Message]]:
+        """Record every client's outcome; return (first pid, reply) for replies that carry content."""
+        groups = self._groups.get(phase, {})
+        good = []
+        for msg in replies:
+            group = groups.get(msg.metadata.src_node_id, [])
+            if msg.has_error():
+                for pid in group:
+                    self.recorder.client(server_round, phase, pid, None, msg.error.reason)
+                continue
+            content = msg.content
+            status = content[STATUS_KEY] if STATUS_KEY in content else ConfigRecord()
+            for pid in group:
+                key = f"{CLIENT_METRIC_PREFIX}{pid}"
+                if key in content:
+                    self.recorder.client(server_round, phase, pid, dict(content[key]), None)
+                else:
+                    self.recorder.client(server_round, phase, pid, None,
+                                         str(status.get(f"error.{pid}", "no reply for this client")))
+            if group:
+                good.append((group[0], msg))
+        return sorted(good, key=lambda item: item[0])
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good = self._unpack(server_round, "train", replies)
+        per_client = self._client_records(good)
+        if not per_client:
+            return None, None
+        if not self.shares_arrays:
+            return None, aggregate_metricrecords(per_client, NUM_EXAMPLES)
+        if self.mean_based:
+            inner_replies = [self._as_reply(msg.content["arrays"], msg.content["metrics"], msg)
+                             for _, msg in good if "arrays" in msg.content]
+        else:
+            inner_replies = []
+            for _, msg in good:
+                for pid in ok_ids(msg.content[STATUS_KEY]):
+                    metrics = msg.content[f"{CLIENT_METRIC_PREFIX}{pid}"]
+                    inner_replies.append(self._as_reply(msg.content[client_arrays_key(pid)],
+                                                        self._core_metrics(metrics), msg))
+        if not inner_replies:
+            return None, None
+        return self.inner.aggregate_train(server_round, inner_replies)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        per_client = self._client_records(self._unpack(server_round, "evaluate", replies))
+        return aggregate_metricrecords(per_client, NUM_EXAMPLES) if per_client else None
+
+    @staticmethod
+    def _core_metrics(metrics: MetricRecord) -> MetricRecord:
+        return MetricRecord({k: metrics[k] for k in (NUM_EXAMPLES, "loss", "accuracy") if k in metrics})
+
+    def _client_records(self, good: list[tuple[int, Message]]) -> list[RecordDict]:
+        records = []
+        for _, msg in good:
+            for pid in ok_ids(msg.content[STATUS_KEY]):
+                metrics = msg.content[f"{CLIENT_METRIC_PREFIX}{pid}"]
+                records.append(RecordDict({"metrics": self._core_metrics(metrics)}))
+        return records
+
+    @staticmethod
+    def _as_reply(arrays: ArrayRecord, metrics: MetricRecord, origin: Message) -> Message:
+        return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}),
+                       message_type=MessageType.TRAIN, dst_node_id=origin.metadata.src_node_id)
+
+    def summary(self) -> None:
+        self.inner.summary()

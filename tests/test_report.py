@@ -1,0 +1,170 @@
+"""fedkd.report on a tiny synthetic run directory with hand-computed numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from fedkd.report import (client_table, compare, read_metrics, summarize, sweep_table, write_outputs)
+
+NUM_EXAMPLES = {0: 10, 1: 30, 2: 60}
+# round -> accuracy per partition. Weighted best is round 2 (0.77) but unweighted best is
+# round 1 (0.80), and the last round (3) is neither: catches weighting and "best != last" bugs.
+ACC = {1: [0.95, 0.95, 0.5], 2: [0.5, 0.6, 0.9], 3: [0.9, 0.5, 0.8]}
+TRACEBACK = ('Traceback (most recent call last):\n  File "client.py", line 3, in fit\n'
+             "    raise RuntimeError('CUDA out of memory')\nRuntimeError: CUDA out of memory\n")
+
+
+def _rec(rnd: int, phase: str, pid: int, acc: float | None, status: str = "ok", **kw) -> dict:
+    rec = {"round": rnd, "phase": phase, "partition_id": pid, "status": status,
+           "num_examples": NUM_EXAMPLES[pid], "loss": None if acc is None else 1 - acc, "accuracy": acc,
+           "seconds": 1.0 if phase == "train" else 0.5, "bytes_received": 200 if phase == "train" else 20,
+           "bytes_sent": 100 if phase == "train" else 50, "worker_pid": 1234, "error": None}
+    return rec | kw
+
+
+def make_run(path: Path, name: str = "tiny", acc: dict[int, list[float]] = ACC, extra: list[dict] = (),
+             run_json: bool = True) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(
+        f"experiment:\n  name: {name}\n  seed: 7\nmethod:\n  name: fedkd\nstrategy:\n  name: fedavg\n"
+        "data:\n  dataset: mnist5k\n  num_clients: 3\ntrain:\n  rounds: 3\n")
+    (path / "partition.json").write_text(json.dumps({"num_classes": 3, "clients": [
+        {"partition_id": 0, "train": [8, 1, 1], "test": [5, 3, 2]},
+        {"partition_id": 1, "train": [1, 20, 9], "test": [10, 10, 10]},
+        {"partition_id": 2, "train": [30, 30, 0], "test": [20, 20, 20]}]}))
+    lines = []
+    for rnd in (1, 2, 3):
+        for pid in range(3):
+            if (rnd, pid) == (2, 1):
+                lines.append(_rec(rnd, "train", pid, None, "failed", error=TRACEBACK, seconds=0.25,
+                                  bytes_sent=0, bytes_received=0))
+            else:
+                lines.append(_rec(rnd, "train", pid, 0.99))
+        lines += [_rec(rnd, "evaluate", pid, acc[rnd][pid]) for pid in range(3)]
+        lines.append({"round": rnd, "phase": "central", "loss": 0.5, "accuracy": 0.6 + 0.05 * rnd,
+                      "num_examples": 1000})
+        lines.append({"round": rnd, "phase": "round", "seconds": {1: 10.0, 2: 4.0, 3: 6.0}[rnd]})
+    text = "".join(json.dumps(r) + "\n" for r in [*lines, *extra])
+    (path / "metrics.jsonl").write_text(text + '{"round": 4, "phase": "train", "partition_id": 0, "sta')
+    if run_json:
+        (path / "run.json").write_text(json.dumps({"evaluated_model": "personalized",
+                                                   "evaluated_when": "after local training",
+                                                   "wall_seconds": 21.0, "status": "interrupted"}))
+    return path
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    return make_run(tmp_path / "run_a")
+
+
+def test_truncated_line_ignored(run: Path) -> None:
+    assert len(read_metrics(run / "metrics.jsonl")) == 3 * (3 + 3 + 2)
+
+
+def test_headline_and_spread(run: Path) -> None:
+    s = summarize(run)
+    assert s["last_round"] == 3 and s["rounds_completed"] == 3
+    assert s["accuracy"] == pytest.approx((0.9 * 10 + 0.5 * 30 + 0.8 * 60) / 100)  # 0.72
+    assert s["accuracy_unweighted"] == pytest.approx(2.2 / 3)
+    mean = 2.2 / 3
+    assert s["accuracy_std"] == pytest.approx(math.sqrt(sum((a - mean) ** 2 for a in ACC[3]) / 3))
+    assert s["accuracy_worst10"] == pytest.approx(0.5)  # ceil(0.1 * 3) = 1 client
+    assert s["accuracy"] != pytest.approx(s["accuracy_unweighted"])
+    assert (s["best_round"], s["best_accuracy"]) == (2, pytest.approx(0.77))
+    assert s["central_accuracy"] == pytest.approx(0.75)
+    assert s["seconds_per_round"] == pytest.approx(5.0)  # median of rounds 2..: (4, 6)
+    assert [p["round"] for p in s["per_round"]] == [1, 2, 3]
+    assert s["per_round"][0]["accuracy"] == pytest.approx(0.68)
+    assert (s["per_round"][2]["min"], s["per_round"][2]["max"], s["per_round"][2]["clients"]) == (0.5, 0.9, 3)
+    assert (s["experiment"], s["method"], s["strategy"], s["dataset"], s["seed"], s["num_clients"]) == \
+        ("tiny", "fedkd", "fedavg", "mnist5k", 7, 3)
+    assert (s["evaluated_model"], s["status"], s["wall_seconds"]) == ("personalized", "interrupted", 21.0)
+
+
+def test_failures(run: Path) -> None:
+    s = summarize(run)
+    assert s["failures"] == 1
+    assert s["failed_clients"] == [{"round": 2, "phase": "train", "partition_id": 1,
+                                    "error": "RuntimeError: CUDA out of memory"}]
+
+
+def test_failed_evaluate_excluded_but_counted(tmp_path: Path) -> None:
+    bad = _rec(3, "evaluate", 1, 0.0, "failed", error="ValueError: boom")
+    s = summarize(make_run(tmp_path / "r", extra=[bad], run_json=False))
+    assert s["accuracy"] == pytest.approx(0.72) and s["failures"] == 2
+    assert s["failed_clients"][-1]["error"] == "ValueError: boom"
+    assert s["evaluated_model"] is None and s["status"].startswith("unknown")
+
+
+def test_outputs(run: Path) -> None:
+    s = write_outputs(run)
+    assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(s))
+    rows = list(csv.DictReader((run / "clients.csv").open()))
+    assert [r["partition_id"] for r in rows] == ["0", "1", "2"]
+    r1 = rows[1]
+    assert (r1["num_train"], r1["num_test"], float(r1["accuracy"]), r1["last_evaluated_round"]) == \
+        ("30", "30", 0.5, "3")
+    assert (r1["rounds_trained"], r1["failures"], float(r1["train_seconds"])) == ("2", "1", 2.25)
+    assert (r1["bytes_sent"], r1["bytes_received"]) == ("350", "460")
+    assert float(r1["loss"]) == pytest.approx(0.5)
+    md = (run / "report.md").read_text()
+    for needle in ("last-round accuracy (example-weighted)", "best-of-evaluations", "personalized",
+                   "after local training", "RuntimeError: CUDA out of memory", "accuracy_rounds.png"):
+        assert needle in md
+    for png in ("accuracy_rounds.png", "client_accuracy.png", "label_distribution.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG"
+    page = (run / "report.html").read_text()
+    assert "data:image/png;base64," in page and "best-of-evaluations" in page
+    assert all(src.startswith("data:") for src in re.findall(r"src=['\"]([^'\"]*)", page))
+    assert "<link" not in page and "http" not in page
+    assert write_outputs(run) == s  # idempotent re-render
+
+
+def test_client_table(run: Path) -> None:
+    table = client_table(run)
+    assert table.row_count == 3
+    console = Console(record=True, width=200)
+    console.print(table)
+    text = console.export_text()
+    assert "acc" in text and "0.500" in text and "0.900" in text
+
+
+def test_compare(tmp_path: Path) -> None:
+    a = make_run(tmp_path / "run_a", name="alpha")
+    b = make_run(tmp_path / "run_b", name="beta", acc={r: [x * 0.9 for x in v] for r, v in ACC.items()})
+    table = compare([a, b])
+    assert all(x in table for x in ("run_a", "run_b", "alpha", "beta", "best-of-evaluations"))
+    assert "0.7200 (round 3)" in table
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "compare.png" in (tmp_path / "compare.md").read_text()
+    assert "data:image/png;base64," in (tmp_path / "compare.html").read_text()
+    out = tmp_path / "cmp"
+    compare([a, b], out)
+    assert (out / "compare.png").exists()
+
+
+def test_duplicate_dir_names_get_parent_label(tmp_path: Path) -> None:
+    a, b = make_run(tmp_path / "x" / "run"), make_run(tmp_path / "y" / "run")
+    table = compare([a, b], tmp_path)
+    assert "x/run" in table and "y/run" in table
+    shutil.rmtree(tmp_path / "x")
+
+
+def test_sweep_table(run: Path) -> None:
+    base = summarize(run)
+    rows = [{"run": "A", **base, "seed": 0, "accuracy": 0.7}, {"run": "A", **base, "seed": 1, "accuracy": 0.8},
+            {"run": "B", **base, "seed": 0, "accuracy": 0.5}]
+    md = sweep_table(rows)
+    line_a = next(ln for ln in md.splitlines() if ln.startswith("| A "))
+    assert "0.7500 ± 0.0707" in line_a and line_a.rstrip().endswith("| 2 |")
+    line_b = next(ln for ln in md.splitlines() if ln.startswith("| B "))
+    assert "0.5000" in line_b and "±" not in line_b.split("|")[2] and line_b.rstrip().endswith("| 1 |")
