@@ -8,16 +8,15 @@ re-partitioned with flwr-datasets partitioners so fedkd's splits match Flower's 
 from __future__ import annotations
 
 import functools
-import gzip
 import importlib.util
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from fedkd.config import ConfigError, DataConfig, check_choice, data_dir
+from fedkd.config import ConfigError, DataConfig, PartitionerConfig, check_choice, data_dir
 
 
 class DataError(Exception):
@@ -62,7 +61,6 @@ _PFLLIB: dict[str, tuple[str, int, bool]] = {
     "fmnist": ("pfllib-fmnist-20c-subset", 19, False),
     "cifar10-subset": ("pfllib-cifar10-dir0.1-subset", 10, True),
 }
-_MNIST_RAW = ("raw/t10k-images-idx3-ubyte.gz", "raw/t10k-labels-idx1-ubyte.gz")
 _DIGITS = "sklearn-digits/digits.csv.gz"
 _NAMES = [n for n in DATASETS if not n.startswith("hf:")]
 
@@ -86,13 +84,21 @@ def _need(path: Path) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=2)
 def _read_csv_gz(path: Path, width: int) -> np.ndarray:
-    """Numeric gzip CSV without header; np.fromstring is ~10x faster than np.loadtxt here."""
+    """Numeric gzip CSV without header (pandas: ~3x faster than np.loadtxt; cached, it is small)."""
+    import pandas as pd  # a dependency of `datasets`
+
     try:
-        raw = gzip.open(_need(path)).read().replace(b"\n", b",").decode()
-        return np.fromstring(raw, sep=",").reshape(-1, width)
-    except (OSError, ValueError) as exc:
+        table = pd.read_csv(_need(path), header=None, dtype=np.float32).to_numpy()
+    except DataError:
+        raise
+    except Exception as exc:  # bad gzip, non-numeric cell, ...
         raise DataError(f"cannot read {path}: {exc}") from exc
+    if table.shape[1] != width:
+        raise DataError(f"cannot read {path}: expected {width} columns, found {table.shape[1]}")
+    table.flags.writeable = False  # shared by the cache
+    return table
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -105,13 +111,6 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"cannot read {path}: {exc}") from exc
 
 
-def _read_idx(path: Path, offset: int) -> np.ndarray:
-    try:
-        return np.frombuffer(gzip.open(_need(path)).read(), np.uint8, offset=offset)
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-
-
 def check_available(cfg: DataConfig) -> None:
     """Cheap pre-flight check (names, combinations, files present) before any simulation starts."""
     name, part = cfg.dataset, cfg.partitioner.name
@@ -119,7 +118,8 @@ def check_available(cfg: DataConfig) -> None:
         if len(name) <= 3:
             raise ConfigError("data.dataset", name, "write hf:<huggingface dataset name>, e.g. hf:ylecun/mnist")
         if part == "given":
-            raise ConfigError("data.partitioner.name", part, "hf datasets have no given partition; use iid, dirichlet, pathological or shard")
+            raise ConfigError("data.partitioner.name", part,
+                              "hf datasets have no given partition; use iid, dirichlet, pathological or shard")
         return
     check_choice("data.dataset", name, _NAMES + ["hf:<name>"])
     if part == "given":
@@ -141,14 +141,15 @@ def check_available(cfg: DataConfig) -> None:
     sub, n, _ = _PFLLIB[name]
     base = _need(root / sub)
     files = [base / s / f"{i}.npz" for s in ("train", "test") for i in range(n)]
-    if name == "pfllib-mnist":
-        files += [base / f for f in _MNIST_RAW]
     for f in files:
         _need(f)
 
 
 def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
-    """Load and partition (cached per process: Ray workers call this every round)."""
+    """Load and partition; cached per process (Ray workers call this every round).
+
+    The result is shared between callers: treat its arrays as read-only.
+    """
     check_available(cfg)
     p = cfg.partitioner
     key = (cfg.dataset, str(data_dir(cfg).resolve()), cfg.num_clients, p.name, float(p.alpha),
@@ -157,14 +158,15 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     return _load_cached(key)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _load_cached(key: tuple[Any, ...]) -> FederatedData:
-    (name, root_s, num_clients, pname, alpha, cpc, spc, mps, tf, img_key, lbl_key, seed) = key
-    root = Path(root_s)
-    make = functools.partial(_partitioner, pname, num_clients, alpha, cpc, spc, mps, seed)
+    name, root_s, n, pname, alpha, cpc, spc, mps, tf, img_key, lbl_key, seed = key
+    cfg = DataConfig(dataset=name, data_dir=root_s, num_clients=n, test_fraction=tf,
+                     partitioner=PartitionerConfig(pname, alpha, cpc, spc, mps),
+                     hf_image_key=img_key, hf_label_key=lbl_key)
     if name.startswith("hf:"):
-        return _load_hf(name, make, num_clients, tf, img_key, lbl_key, seed)
-    global_test = None
+        return _load_hf(cfg, seed)
+    root, global_test = Path(root_s), None
     if name == "mnist5k":
         t = _read_csv_gz(_mnist5k_path(), 785)
         x, y = _normalise(t[:, :-1], 255.0).reshape(-1, 1, 28, 28), t[:, -1].astype(np.int64)
@@ -172,68 +174,68 @@ def _load_cached(key: tuple[Any, ...]) -> FederatedData:
         t = _read_csv_gz(root / _DIGITS, 65)
         x, y = _normalise(t[:, :-1], 16.0).reshape(-1, 1, 8, 8), t[:, -1].astype(np.int64)
     else:
-        sub, _, _ = _PFLLIB[name]
-        base = root / sub
-        if name == "pfllib-mnist":
-            imgs = _read_idx(base / _MNIST_RAW[0], 16).reshape(-1, 1, 28, 28)
-            global_test = (_normalise(imgs, 255.0), _read_idx(base / _MNIST_RAW[1], 8).astype(np.int64))
-        stored = [(_read_npz(base / "train" / f"{i}.npz"), _read_npz(base / "test" / f"{i}.npz"))
-                  for i in range(_PFLLIB[name][1])]
-        if pname == "given":
-            clients = [ClientSplit(xtr, ytr, xte, yte) for (xtr, ytr), (xte, yte) in stored[:num_clients]]
-            return _federated(name, clients, global_test)
-        x = np.concatenate([a for (xtr, _), (xte, _) in stored for a in (xtr, xte)])
-        y = np.concatenate([a for (_, ytr), (_, yte) in stored for a in (ytr, yte)])
+        base = root / _PFLLIB[name][0]
+        # No global test set for pfllib-mnist: PFLlib spread all 70,000 MNIST images over its
+        # clients, the official 10k test images included (all found in client splits), so a
+        # "central" accuracy on raw/t10k would be measured partly on training data.
+        stored = [(*_read_npz(base / "train" / f"{i}.npz"), *_read_npz(base / "test" / f"{i}.npz"))
+                  for i in range(n if pname == "given" else _PFLLIB[name][1])]
+        if pname == "given":  # PFLlib's own clients and train/test split, untouched
+            return _federated(name, [ClientSplit(*s) for s in stored], global_test)
+        x = np.concatenate([a for s in stored for a in (s[0], s[2])])
+        y = np.concatenate([a for s in stored for a in (s[1], s[3])])
     try:
-        parts = partition_indices(y, make(), seed)
+        if n > len(y):  # fail fast: IidPartitioner would build thousands of partitions first
+            raise ValueError(f"{n} clients > {len(y)} samples")
+        parts = partition_indices(y, make_partitioner(cfg, seed), seed)
     except (ValueError, IndexError, ZeroDivisionError) as exc:
-        raise _partition_error(pname, key, exc) from exc
+        raise _partition_error(cfg, exc) from exc
     return _federated(name, [_split(x[i], y[i], tf, seed + c) for c, i in enumerate(parts)], global_test)
 
 
 def _federated(name: str, clients: list[ClientSplit], global_test: Any) -> FederatedData:
-    xs = clients[0].x_train if len(clients[0].x_train) else clients[0].x_test
-    ys = [c.y_train for c in clients] + [c.y_test for c in clients]
-    num_classes = int(max(int(a.max()) for a in ys if len(a))) + 1
-    if name != "digits" and not name.startswith("hf:"):
-        num_classes = max(num_classes, 10)  # every offline image set has 10 classes, even if a subset misses one
-    return FederatedData(name, num_classes, tuple(xs.shape[1:]), clients, global_test)
+    ys = [c.y_train for c in clients] + [c.y_test for c in clients] + ([global_test[1]] if global_test else [])
+    num_classes = 1 + max(int(a.max()) for a in ys if len(a))
+    if not name.startswith("hf:"):
+        num_classes = 10  # all offline sets have 10 classes, even where a subset of clients misses one
+    shape = next(a.shape[1:] for c in clients for a in (c.x_train, c.x_test) if len(a))
+    return FederatedData(name, num_classes, tuple(shape), clients, global_test)
 
 
-def _partitioner(pname: str, n: int, alpha: float, cpc: int, spc: int, mps: int, seed: int,
-                 label: str = "label") -> Any:
-    """A fresh flwr-datasets partitioner (they are stateful: one per dataset)."""
+def make_partitioner(cfg: DataConfig, seed: int, label: str = "label") -> Any:
+    """A fresh flwr-datasets partitioner from the config (they are stateful: one per dataset)."""
     from flwr_datasets import partitioner as fp
 
-    if pname == "iid":
+    p, n = cfg.partitioner, cfg.num_clients
+    if p.name == "iid":
         return fp.IidPartitioner(num_partitions=n)
-    if pname == "dirichlet":
-        return fp.DirichletPartitioner(num_partitions=n, partition_by=label, alpha=alpha,
-                                       min_partition_size=mps, self_balancing=False, seed=seed)
-    if pname == "pathological":
+    if p.name == "dirichlet":
+        return fp.DirichletPartitioner(num_partitions=n, partition_by=label, alpha=p.alpha,
+                                       min_partition_size=p.min_partition_size, self_balancing=False, seed=seed)
+    if p.name == "pathological":
         return fp.PathologicalPartitioner(num_partitions=n, partition_by=label,
-                                          num_classes_per_partition=cpc, seed=seed)
-    if pname == "shard":
+                                          num_classes_per_partition=p.classes_per_client, seed=seed)
+    if p.name == "shard":
         return fp.ShardPartitioner(num_partitions=n, partition_by=label,
-                                   num_shards_per_partition=spc, seed=seed)
-    raise ConfigError("data.partitioner.name", pname, "allowed: iid, dirichlet, pathological, shard")
+                                   num_shards_per_partition=p.shards_per_client, seed=seed)
+    raise ConfigError("data.partitioner.name", p.name, "allowed here: iid, dirichlet, pathological, shard")
 
 
-def _partition_error(pname: str, key: tuple[Any, ...], exc: Exception) -> ConfigError:
+def _partition_error(cfg: DataConfig, exc: Exception) -> ConfigError:
     """Turn a flwr-datasets failure into a ConfigError naming the key to change."""
-    n, alpha, cpc, spc, mps = key[2], key[4], key[5], key[6], key[7]
-    hint = f"({type(exc).__name__}: {exc})"
-    if pname == "dirichlet" and "attempts" in str(exc):
-        return ConfigError("data.partitioner.alpha", alpha, f"Dirichlet could not give all {n} clients "
-                           f">= {mps} samples; raise alpha, lower data.partitioner.min_partition_size "
-                           f"or data.num_clients {hint}")
-    if pname == "pathological" and "num_classes_per_partition" in str(exc):
-        return ConfigError("data.partitioner.classes_per_client", cpc, f"more than the dataset's classes {hint}")
-    if pname == "shard" and isinstance(exc, ZeroDivisionError):
-        return ConfigError("data.partitioner.shards_per_client", spc,
-                           f"{n} clients x {spc} shards is more shards than samples; use fewer {hint}")
+    p, n, msg = cfg.partitioner, cfg.num_clients, f"({type(exc).__name__}: {exc})"
+    if p.name == "dirichlet" and "attempts" in str(exc):
+        return ConfigError("data.partitioner.alpha", p.alpha, f"Dirichlet could not give all {n} clients "
+                           f">= {p.min_partition_size} samples; raise alpha, lower "
+                           f"data.partitioner.min_partition_size or data.num_clients {msg}")
+    if p.name == "pathological" and "num_classes_per_partition" in str(exc):
+        return ConfigError("data.partitioner.classes_per_client", p.classes_per_client,
+                           f"more than the dataset's classes {msg}")
+    if p.name == "shard" and isinstance(exc, ZeroDivisionError):
+        return ConfigError("data.partitioner.shards_per_client", p.shards_per_client,
+                           f"{n} clients x {p.shards_per_client} shards is more shards than samples; use fewer {msg}")
     return ConfigError("data.num_clients", n, f"cannot split the data into {n} non-empty clients "
-                       f"with partitioner {pname!r}; use fewer clients {hint}")
+                       f"with partitioner {p.name!r}; use fewer clients {msg}")
 
 
 def partition_indices(y: np.ndarray, partitioner: Any, seed: int) -> list[np.ndarray]:
@@ -245,11 +247,11 @@ def partition_indices(y: np.ndarray, partitioner: Any, seed: int) -> list[np.nda
     import datasets
 
     order = np.random.default_rng(seed).permutation(len(y))
-    # numpy format: datasets 4 returns lazy Column objects otherwise (100x slower to iterate)
-    partitioner.dataset = datasets.Dataset.from_dict({"label": y[order], "idx": order}).with_format("numpy")
+    # arrow format: datasets 4 otherwise hands out lazy Column objects, ~100x slower to read
+    partitioner.dataset = datasets.Dataset.from_dict({"label": y[order], "idx": order}).with_format("arrow")
     with warnings.catch_warnings():  # Dirichlet retries warn with the whole alpha vector each time
         warnings.simplefilter("ignore")
-        parts = [np.asarray(partitioner.load_partition(i)["idx"], np.int64)
+        parts = [partitioner.load_partition(i).with_format("arrow")["idx"].to_numpy().astype(np.int64)
                  for i in range(partitioner.num_partitions)]
     if any(len(p) == 0 for p in parts):
         raise ValueError(f"{sum(len(p) == 0 for p in parts)} partitions are empty")
@@ -264,21 +266,22 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Cli
     return ClientSplit(x[tr], y[tr], x[te], y[te])
 
 
-def _load_hf(name: str, make: Callable[..., Any], n: int, tf: float, img_key: str, lbl_key: str,
-             seed: int) -> FederatedData:
+def _load_hf(cfg: DataConfig, seed: int) -> FederatedData:
     """Hugging Face dataset through flwr-datasets; partitions the train split (network needed)."""
     from flwr_datasets import FederatedDataset
 
-    fds = FederatedDataset(dataset=name[3:], partitioners={"train": make(label=lbl_key)}, seed=seed)
+    part = make_partitioner(cfg, seed, label=cfg.hf_label_key)
+    fds = FederatedDataset(dataset=cfg.dataset[3:], partitioners={"train": part}, seed=seed)
 
     def arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
-        x = np.stack([np.asarray(im, np.float32) for im in ds[img_key]])
-        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2) if x.ndim == 4 else x
-        return _normalise(x, 255.0 if x.max() > 1 else 1.0), np.asarray(ds[lbl_key], np.int64)
+        x = np.stack([np.asarray(im, np.float32) for im in ds[cfg.hf_image_key]])
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2) if x.ndim == 4 else x  # -> NCHW
+        return _normalise(x, 255.0 if x.max() > 1 else 1.0), np.asarray(ds[cfg.hf_label_key], np.int64)
 
-    clients = [_split(*arrays(fds.load_partition(i)), tf, seed + i) for i in range(n)]
+    clients = [_split(*arrays(fds.load_partition(i)), cfg.test_fraction, seed + i)
+               for i in range(cfg.num_clients)]
     try:
         test: tuple[np.ndarray, np.ndarray] | None = arrays(fds.load_split("test"))
     except (KeyError, ValueError):
         test = None  # no official test split
-    return _federated(name, clients, test)
+    return _federated(cfg.dataset, clients, test)

@@ -233,7 +233,7 @@ def _headline_rows(s: dict) -> list[list[Any]]:
 
 
 def _report_blocks(s: dict, rows: list[dict], figures: list[str]) -> list[Block]:
-    evaluated = f"{s['evaluated_model'] or 'unknown'} model, evaluated {s['evaluated_when'] or 'n/a'}"
+    evaluated = f"{s['evaluated_model'] or 'unknown'} model, {s['evaluated_when'] or 'when: n/a'}"
     blocks: list[Block] = [
         ("h1", f"fedkd run report: {s['experiment'] or 'unnamed'}"),
         ("ul", [f"experiment: {s['experiment']} (seed {s['seed']})", f"method: {s['method']}",
@@ -281,7 +281,8 @@ def write_outputs(run_dir: Path) -> dict:
 def client_table(run_dir: Path) -> Table:
     """Final per-client results for the terminal (failing clients in red); short headers fit 80 columns."""
     heads = ["id", "train", "test", "acc", "loss", "round", "trained", "fails", "sec", "MB sent", "MB recv"]
-    table = Table(title=f"Per-client results: {Path(run_dir).name}", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=f"Per-client results: {Path(run_dir).name}", box=box.SIMPLE_HEAD, pad_edge=False,
+                  padding=(0, 1, 0, 0))
     for head in heads:
         table.add_column(head, justify="right")
     for r in client_rows(run_dir):
@@ -308,9 +309,9 @@ def compare(run_dirs: list[Path], out_dir: Path | None = None) -> str:
         out_dir = out_dir if len(out_dir.parts) > 1 else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: list[tuple[str, Any]] = [
-        ("experiment / method / strategy", lambda s: f"{s['experiment']} / {s['method']} / {s['strategy']}"),
-        ("dataset, clients, seed", lambda s: f"{s['dataset']}, {s['num_clients']}, {s['seed']}"),
-        ("evaluated", lambda s: f"{s['evaluated_model']} ({s['evaluated_when']})"),
+        ("experiment / method / strategy", lambda s: " / ".join(_fmt(s[k]) for k in ("experiment", "method", "strategy"))),
+        ("dataset, clients, seed", lambda s: ", ".join(_fmt(s[k]) for k in ("dataset", "num_clients", "seed"))),
+        ("evaluated", lambda s: f"{_fmt(s['evaluated_model'])} ({_fmt(s['evaluated_when'])})"),
         (f"{HEADLINE}", lambda s: f"{_fmt(s['accuracy'])} (round {_fmt(s['last_round'])})"),
         ("unweighted mean", lambda s: _fmt(s["accuracy_unweighted"])),
         ("std across clients", lambda s: _fmt(s["accuracy_std"])),

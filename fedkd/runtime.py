@@ -32,6 +32,9 @@ def resolve_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
+TRAIN_CALLS = "fedkd.train_calls"  # completed train calls of this client, kept in its state
+
+
 class InjectedFailure(RuntimeError):
     """Raised for clients listed in the `faults` config section."""
 
@@ -79,9 +82,11 @@ class ClientRuntime:
             arrays = None
             if phase == "train":
                 result = self.algorithm.train(on_device, state, data, info)
+                state[TRAIN_CALLS] = state.get(TRAIN_CALLS, 0) + 1
                 self.store.save(pid, state)
                 arrays = as_tensor_dict(result.arrays)
-                metrics = {**result.metrics, NUM_EXAMPLES: result.num_examples}
+                metrics = {**result.metrics, NUM_EXAMPLES: result.num_examples,
+                           "train-calls": state[TRAIN_CALLS]}
             else:
                 ev = self.algorithm.evaluate(on_device, state, data, info)
                 metrics = {"loss": ev.loss, "accuracy": ev.accuracy, NUM_EXAMPLES: ev.num_examples}

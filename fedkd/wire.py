@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+import time
+
+from flwr.app import (DEFAULT_TTL, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord,
+                      RecordDict)
 from torch import Tensor
 
 PIDS_KEY = "fedkd-pids"
@@ -36,6 +39,18 @@ class ClientOutcome:
     metrics: dict[str, float]  # num-examples, loss, accuracy, seconds, bytes-*, worker-pid
     arrays: dict[str, Tensor] | None = None
     error: str | None = None
+
+
+def reply_message(content: RecordDict, src_node_id: int, message_type: str) -> Message:
+    """A reply as if received from node `src_node_id`.
+
+    Explicit metadata, because Flower's plain constructor needs a running
+    ServerApp's identity; this also works in unit tests.
+    """
+    metadata = Metadata(run_id=0, message_id="", src_node_id=src_node_id, dst_node_id=0,
+                        reply_to_message_id="", group_id="", created_at=time.time(),
+                        ttl=DEFAULT_TTL, message_type=message_type)
+    return Message(content=content, metadata=metadata)
 
 
 def arrays_to_tensors(record: ArrayRecord) -> dict[str, Tensor]:

@@ -31,7 +31,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedkd.recorder import Recorder
 from fedkd.wire import (CLIENT_METRIC_PREFIX, CONFIG_KEY, MODE_KEY, NUM_EXAMPLES, PIDS_KEY,
-                        STATUS_KEY, client_arrays_key, ok_ids)
+                        STATUS_KEY, client_arrays_key, ok_ids, reply_message)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ class GroupedClients(Strategy):
         self.inner, self.plan, self.recorder = inner, plan, recorder
         self.mean_based, self.shares_arrays = mean_based, shares_arrays
         self.client_config = client_config  # the resolved run config, sent to every node
-        self._groups: dict[str, dict[int, list[int]]] = {}
+        #: phase -> node id -> partition ids of the messages last sent (replies are matched to it)
+        self.groups: dict[str, dict[int, list[int]]] = {}
         self._round_start: tuple[int, float] | None = None
         self.on_round_end = on_round_end
 
@@ -105,7 +106,7 @@ class GroupedClients(Strategy):
             return []
         nodes = sorted({m.metadata.dst_node_id for m in template})
         groups = self.plan.assign(pids, nodes)
-        self._groups[phase] = groups
+        self.groups[phase] = groups
         base = template[0].content
         arrays = base["arrays"] if "arrays" in base else ArrayRecord()
         config = dict(base["config"]) if "config" in base else {}
@@ -138,7 +139,7 @@ class GroupedClients(Strategy):
     def _unpack(self, server_round: int, phase: str,
                 replies: Iterable[Message]) -> list[tuple[int, Message]]:
         """Record every client's outcome; return (first pid, reply) for replies that carry content."""
-        groups = self._groups.get(phase, {})
+        groups = self.groups.get(phase, {})
         good = []
         for msg in replies:
             group = groups.get(msg.metadata.src_node_id, [])
@@ -199,8 +200,8 @@ class GroupedClients(Strategy):
 
     @staticmethod
     def _as_reply(arrays: ArrayRecord, metrics: MetricRecord, origin: Message) -> Message:
-        return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}),
-                       message_type=MessageType.TRAIN, dst_node_id=origin.metadata.src_node_id)
+        return reply_message(RecordDict({"arrays": arrays, "metrics": metrics}),
+                             origin.metadata.src_node_id, MessageType.TRAIN)
 
     def summary(self) -> None:
         self.inner.summary()
