@@ -27,11 +27,11 @@ def _print_result(run_dir: Path) -> None:
 
     summary = json.loads((run_dir / "summary.json").read_text())
     console.print(client_table(run_dir))
-    acc = summary.get("accuracy")
-    headline = "n/a" if acc is None else f"{acc:.4f}"
-    console.print(f"last-round accuracy (example-weighted): [bold]{headline}[/]   "
-                  f"unweighted mean {summary.get('accuracy_unweighted')}, "
-                  f"worst-10% {summary.get('accuracy_worst10')}")
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    console.print(f"last-round accuracy (example-weighted): [bold]{fmt(summary.get('accuracy'))}[/]"
+                  f"  unweighted mean {fmt(summary.get('accuracy_unweighted'))}"
+                  f"  std {fmt(summary.get('accuracy_std'))}"
+                  f"  worst-10% {fmt(summary.get('accuracy_worst10'))}")
     if summary.get("failures"):
         console.print(f"[red]{summary['failures']} client call(s) failed; see the report[/]")
     console.print(f"report: {run_dir / 'report.md'}  (html: {run_dir / 'report.html'})")

@@ -80,7 +80,7 @@ def _mnist5k_path() -> Path:
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        raise DataError(f"missing data file or directory: {path}")
+        raise DataError(f"missing data file or directory: {path} (the data dir is set by data.data_dir or $FEDKD_DATA_DIR)")
     return path
 
 

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+_STANDARD = {"num-examples", "loss", "accuracy", "seconds", "bytes-received", "bytes-sent",
+             "worker-pid"}
 Listener = Callable[[str, int, int, int], None]  # phase, round, done, expected
 
 
@@ -52,6 +54,7 @@ class Recorder:
             "worker_pid": int(m["worker-pid"]) if "worker-pid" in m else None,
             "error": error,
         }
+        record.update({k.replace("-", "_"): v for k, v in m.items() if k not in _STANDARD})
         self.write(record)
         if error is not None:
             self.failures.append(record)

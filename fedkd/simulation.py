@@ -65,17 +65,27 @@ def backend_config(cfg: FedkdConfig) -> dict:
             "init_args": init_args}
 
 
+class _DropRunSimulationDeprecation(logging.Filter):
+    """`run_simulation` is deprecated in favour of `flwr run`; fedkd supports both, so don't nag."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage()
+
+
 @contextmanager
 def quiet_flower(enabled: bool) -> Iterator[None]:
     """Flower logs every round at INFO; fedkd shows its own progress instead."""
     logger = logging.getLogger("flwr")
-    level = logger.level
+    level, drop = logger.level, _DropRunSimulationDeprecation()
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences Ray's FutureWarning
     if enabled:
         logger.setLevel(logging.WARNING)
+    logger.addFilter(drop)
     try:
         yield
     finally:
         logger.setLevel(level)
+        logger.removeFilter(drop)
 
 
 def write_run_info(run_dir: Path, cfg: FedkdConfig, status: str, wall: float | None) -> None:
