@@ -170,7 +170,8 @@ class PartialSharing(ClientAlgorithm):
         sd = model.state_dict()
         if self.personal_keys:
             state["personal"] = {k: sd[k].detach().clone() for k in self.personal_keys}
-        return TrainResult({k: sd[k].detach() for k in self.shared_keys}, metrics,
+        # clones: the model object is reused for the next client of this process
+        return TrainResult({k: sd[k].detach().clone() for k in self.shared_keys}, metrics,
                            len(data.y_train))
 
     def local_update(self, model: FedModel, state: dict[str, Any], data: ClientData,

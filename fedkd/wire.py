@@ -104,8 +104,7 @@ def ok_ids(status: ConfigRecord) -> list[int]:
 
 
 def as_tensor_dict(arrays: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Detached CPU copies, ready to serialize."""
-    return {k: v.detach().to("cpu", copy=True) if v.device.type != "cpu" else v.detach()
-            for k, v in arrays.items()}
+    """Detached CPU tensors, ready to serialize (a copy only when they live on another device)."""
+    return {k: v.detach().cpu() for k, v in arrays.items()}
 
 

@@ -114,3 +114,13 @@ def test_state_survives_a_change_of_worker_process(tmp_path: Path) -> None:
     assert [r[0] for r in results] == [None, None]
     assert [r[1] for r in results] == [1, 2]
     assert results[0][2] != results[1][2]
+
+
+def test_results_of_one_client_survive_training_the_next_with_the_same_model() -> None:
+    """A node trains its group with one model object: earlier results must not alias it."""
+    client = fedavg(config())
+    start = client.initial_arrays()
+    first = client.train(start, {}, tiny_data(0), RoundInfo(0, 1, 0))
+    snapshot = {k: v.clone() for k, v in first.arrays.items()}
+    client.train(start, {}, tiny_data(1), RoundInfo(1, 1, 0))
+    assert all(torch.equal(snapshot[k], first.arrays[k]) for k in snapshot)
