@@ -2,18 +2,24 @@
 
 `run_simulation` starts Ray and shuts it down on every call (~3-6 s each way on 2
 cores). A cluster started with `ray start --head` outlives the runs; each run
-joins it through `simulation.ray_address` and only disconnects at its end.
+joins it through `simulation.ray_address` and only disconnects at its end. The
+cluster gets its own temp dir, so stopping it ends exactly its processes
+(`ray stop` would end every Ray cluster on the machine).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+import psutil
 
 
 def _free_port() -> int:
@@ -27,18 +33,36 @@ def _ray_cli() -> str:
     return str(local) if local.exists() else "ray"
 
 
+def _stop(temp_dir: str) -> None:
+    """Terminate the processes of the cluster that lives under `temp_dir`."""
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or ()):
+                procs.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in procs:
+        proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for proc in alive:
+        proc.kill()
+
+
 @contextmanager
 def warm_ray(enabled: bool = True, num_cpus: int | None = None) -> Iterator[str | None]:
     """Start a local head node, yield its address, stop it afterwards (None when disabled)."""
     if not enabled:
         yield None
         return
+    temp_dir = tempfile.mkdtemp(prefix="fedkd-ray-")
     port = _free_port()
     cmd = [_ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-           f"--num-cpus={num_cpus or os.cpu_count() or 1}", "--include-dashboard=false",
-           "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, capture_output=True)
+           f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus or os.cpu_count() or 1}",
+           "--include-dashboard=false", "--disable-usage-stats"]
     try:
+        subprocess.run(cmd, check=True, capture_output=True)
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True)
+        _stop(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -58,9 +58,9 @@ def num_nodes(cfg: FedkdConfig) -> int:
 
 def backend_config(cfg: FedkdConfig) -> dict:
     sim = cfg.simulation
-    init_args: dict = {"logging_level": logging.ERROR, "log_to_driver": True}
-    if sim.ray_address:
-        init_args["address"] = sim.ray_address
+    # "local": start a fresh Ray, never silently join another cluster running on this machine
+    init_args: dict = {"logging_level": logging.ERROR, "log_to_driver": True,
+                       "address": sim.ray_address or "local"}
     return {"client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
             "init_args": init_args}
 
