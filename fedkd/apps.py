@@ -20,8 +20,8 @@ from fedkd.config import FedkdConfig, load_config, to_yaml
 from fedkd.recorder import Recorder
 from fedkd.runtime import runtime_for
 from fedkd.server import build_strategy
-from fedkd.wire import (CONFIG_KEY, MODE_KEY, PIDS_KEY, STATE_DIR_KEY, arrays_to_tensors,
-                        pack_reply)
+from fedkd.wire import (CONFIG_KEY, MODE_KEY, PIDS_KEY, STATE_DIR_KEY, GroupReply,
+                        arrays_to_tensors)
 
 client_app = ClientApp()
 
@@ -34,9 +34,10 @@ def _serve_group(msg: Message, phase: str) -> Message:
     server_round = int(config["server-round"])
     server_config = {k: v for k, v in config.items()
                      if k not in (CONFIG_KEY, PIDS_KEY, MODE_KEY, STATE_DIR_KEY)}
-    outcomes = [runtime.run(phase, int(pid), received, server_round, server_config)
-                for pid in config[PIDS_KEY]]
-    return Message(content=pack_reply(outcomes, str(config[MODE_KEY])), reply_to=msg)
+    reply = GroupReply(str(config[MODE_KEY]))
+    for pid in config[PIDS_KEY]:
+        reply.add(runtime.run(phase, int(pid), received, server_round, server_config))
+    return Message(content=reply.build(), reply_to=msg)
 
 
 @client_app.train()

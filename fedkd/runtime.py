@@ -82,11 +82,12 @@ class ClientRuntime:
             arrays = None
             if phase == "train":
                 result = self.algorithm.train(on_device, state, data, info)
-                state[TRAIN_CALLS] = state.get(TRAIN_CALLS, 0) + 1
-                self.store.save(pid, state)
                 arrays = as_tensor_dict(result.arrays)
-                metrics = {**result.metrics, NUM_EXAMPLES: result.num_examples,
-                           "train-calls": state[TRAIN_CALLS]}
+                metrics = {**result.metrics, NUM_EXAMPLES: result.num_examples}
+                if state:  # stateless clients (plain FedAvg) cost no file I/O
+                    state[TRAIN_CALLS] = state.get(TRAIN_CALLS, 0) + 1
+                    metrics["train-calls"] = state[TRAIN_CALLS]
+                    self.store.save(pid, state)
             else:
                 ev = self.algorithm.evaluate(on_device, state, data, info)
                 metrics = {"loss": ev.loss, "accuracy": ev.accuracy, NUM_EXAMPLES: ev.num_examples}

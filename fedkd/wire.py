@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import time
 
+import torch
 from flwr.app import (DEFAULT_TTL, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord,
                       RecordDict)
 from torch import Tensor
@@ -62,40 +63,68 @@ def nbytes(arrays: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in arrays.values())
 
 
-def weighted_mean(parts: list[tuple[dict[str, Tensor], int]]) -> dict[str, Tensor]:
-    """Example-weighted mean of named tensors (integer buffers are rounded back to their dtype)."""
-    total = sum(n for _, n in parts)
-    out = {}
-    for key, first in parts[0][0].items():
-        acc = sum(t[key].double() * (n / total) for t, n in parts)
-        out[key] = acc.to(first.dtype) if first.is_floating_point() else acc.round().to(first.dtype)
-    return out
+class GroupReply:
+    """Builds a node's reply client by client (see the module docstring).
+
+    In mode "mean" each client's arrays are folded into a running example-weighted
+    sum as soon as it finishes, so a node serving hundreds of clients holds one
+    model's worth of sums, not one model per client.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.content = RecordDict()
+        self.ok: list[int] = []
+        self.failed: dict[int, str] = {}
+        self._sums: dict[str, Tensor] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._examples = 0
+        self._metric_sums = {"loss": 0.0, "accuracy": 0.0}
+
+    def add(self, outcome: ClientOutcome) -> None:
+        pid = outcome.partition_id
+        if outcome.error is not None:
+            self.failed[pid] = outcome.error
+            return
+        self.ok.append(pid)
+        self.content[f"{CLIENT_METRIC_PREFIX}{pid}"] = MetricRecord(outcome.metrics)
+        if outcome.arrays is None:
+            return
+        if self.mode == "each":
+            self.content[client_arrays_key(pid)] = ArrayRecord(outcome.arrays)
+            return
+        n = int(outcome.metrics[NUM_EXAMPLES])
+        for key, tensor in outcome.arrays.items():
+            self._dtypes.setdefault(key, tensor.dtype)
+            weighted = tensor.double() * n
+            self._sums[key] = self._sums[key].add_(weighted) if key in self._sums else weighted
+        self._examples += n
+        for k in self._metric_sums:
+            self._metric_sums[k] += float(outcome.metrics[k]) * n
+
+    def build(self) -> RecordDict:
+        status = {"ok": self.ok or [-1], "failed": list(self.failed) or [-1]}  # lists can't be empty
+        status.update({f"error.{pid}": str(err) for pid, err in self.failed.items()})
+        self.content[STATUS_KEY] = ConfigRecord(status)
+        if self._sums and self._examples > 0:
+            mean = {}
+            for key, total in self._sums.items():
+                value = total / self._examples
+                dtype = self._dtypes[key]
+                mean[key] = value.to(dtype) if dtype.is_floating_point else value.round().to(dtype)
+            self.content["arrays"] = ArrayRecord(mean)
+            self.content["metrics"] = MetricRecord({
+                NUM_EXAMPLES: self._examples,
+                **{k: v / self._examples for k, v in self._metric_sums.items()}})
+        return self.content
 
 
 def pack_reply(outcomes: list[ClientOutcome], mode: str) -> RecordDict:
-    """The node's reply for its group (see the module docstring)."""
-    ok = [o for o in outcomes if o.error is None]
-    failed = [o for o in outcomes if o.error is not None]
-    status = {"ok": [o.partition_id for o in ok] or [-1],  # ConfigRecord lists must be non-empty
-              "failed": [o.partition_id for o in failed] or [-1]}
-    status.update({f"error.{o.partition_id}": str(o.error) for o in failed})
-    content = RecordDict({STATUS_KEY: ConfigRecord(status)})
-    for o in ok:
-        content[f"{CLIENT_METRIC_PREFIX}{o.partition_id}"] = MetricRecord(o.metrics)
-    with_arrays = [o for o in ok if o.arrays is not None]
-    if mode == "each":
-        for o in with_arrays:
-            content[client_arrays_key(o.partition_id)] = ArrayRecord(o.arrays)
-    elif with_arrays:
-        parts = [(o.arrays, int(o.metrics[NUM_EXAMPLES])) for o in with_arrays]
-        total = sum(n for _, n in parts)
-        content["arrays"] = ArrayRecord(weighted_mean(parts) if total else parts[0][0])
-        content["metrics"] = MetricRecord({
-            NUM_EXAMPLES: total,
-            **{k: sum(float(o.metrics[k]) * int(o.metrics[NUM_EXAMPLES]) for o in with_arrays)
-               / max(total, 1) for k in ("loss", "accuracy")},
-        })
-    return content
+    """A whole group's reply at once (tests; nodes use GroupReply incrementally)."""
+    reply = GroupReply(mode)
+    for outcome in outcomes:
+        reply.add(outcome)
+    return reply.build()
 
 
 def ok_ids(status: ConfigRecord) -> list[int]:
