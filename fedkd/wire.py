@@ -96,8 +96,10 @@ class GroupReply:
         n = int(outcome.metrics[NUM_EXAMPLES])
         for key, tensor in outcome.arrays.items():
             self._dtypes.setdefault(key, tensor.dtype)
-            weighted = tensor.double() * n
-            self._sums[key] = self._sums[key].add_(weighted) if key in self._sums else weighted
+            if key in self._sums:
+                self._sums[key].add_(tensor, alpha=n)  # in place: no temporaries per client
+            else:
+                self._sums[key] = tensor.double() * n
         self._examples += n
         for k in self._metric_sums:
             self._metric_sums[k] += float(outcome.metrics[k]) * n
