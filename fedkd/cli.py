@@ -100,7 +100,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             rows.append({"run": label, "seed": seed, **json.loads(result.read_text())})
     table = sweep_table(rows)
     (out / "sweep.md").write_text(table + "\n")
-    console.print(table)
+    print(table)
     console.print(f"table: {out / 'sweep.md'}")
     return 0
 
@@ -141,7 +141,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for d in dirs:
         if not (d / "metrics.jsonl").exists():
             raise UsageError(f"{d}: not a run directory (no metrics.jsonl)")
-    console.print(compare(dirs, Path(args.out) if args.out else None))
+    print(compare(dirs, Path(args.out) if args.out else None))  # Markdown: no terminal wrapping
     return 0
 
 
