@@ -9,6 +9,7 @@ directory). `build_server_app` closes over one run; the module-level
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -16,7 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
-from fedkd.config import FedkdConfig, load_config, to_yaml
+from fedkd.config import FedkdConfig, load_config
 from fedkd.recorder import Recorder
 from fedkd.runtime import runtime_for
 from fedkd.server import build_strategy
@@ -81,14 +82,16 @@ server_app = ServerApp()
 @server_app.main()
 def _flwr_run_main(grid: Grid, context: Context) -> None:
     """`flwr run .`: config path and overrides come from `[tool.flwr.app.config]`."""
-    from fedkd.simulation import prepare_run_dir
+    from fedkd.simulation import finish_run, prepare_run_dir, write_run_info
 
     cfg = load_config(str(context.run_config["config"]),
                       shlex.split(str(context.run_config.get("overrides", ""))))
+    started, status = time.perf_counter(), "failed"
     run_dir = prepare_run_dir(cfg)
+    write_run_info(run_dir, cfg, "running", None)
     recorder = Recorder(run_dir)
     try:
         run_server(grid, cfg, run_dir, recorder)
+        status = "complete"
     finally:
-        recorder.close()
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        finish_run(run_dir, cfg, recorder, status, started)

@@ -106,7 +106,6 @@ def run_experiment(cfg: FedkdConfig, run_dir: str | Path | None = None,
     from flwr.simulation import run_simulation
 
     from fedkd.apps import build_server_app, client_app
-    from fedkd.report import write_outputs
 
     started = time.perf_counter()
     run_dir = prepare_run_dir(cfg, run_dir)
@@ -125,7 +124,15 @@ def run_experiment(cfg: FedkdConfig, run_dir: str | Path | None = None,
         status = "interrupted"
         raise
     finally:
-        recorder.close()
-        write_run_info(run_dir, cfg, status, time.perf_counter() - started)
-        write_outputs(run_dir)
+        finish_run(run_dir, cfg, recorder, status, started)
     return run_dir
+
+
+def finish_run(run_dir: Path, cfg: FedkdConfig, recorder: Recorder, status: str,
+               started: float) -> None:
+    """Close the metrics, record how the run ended, render the report (also for a failed run)."""
+    from fedkd.report import write_outputs
+
+    recorder.close()
+    write_run_info(run_dir, cfg, status, time.perf_counter() - started)
+    write_outputs(run_dir)
