@@ -39,11 +39,9 @@ def _print_result(run_dir: Path) -> None:
 
 def _report_failures(run_dir: Path) -> None:
     """Each failed client's own traceback, named by partition id."""
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    from fedkd.report import read_metrics
+
+    for rec in read_metrics(run_dir / "metrics.jsonl"):
         if rec.get("status") == "failed":
             err.print(f"[red]client {rec['partition_id']} failed in round {rec['round']} "
                       f"({rec['phase']}):[/]\n{rec['error']}", markup=True, highlight=False)

@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from fedkd.wire import NUM_EXAMPLES, ClientOutcome, pack_reply, reply_message
+from fedkd.wire import NUM_EXAMPLES, ClientOutcome, GroupReply, reply_message
 
 
 def fake_reply(arrays: Mapping[str, np.ndarray | torch.Tensor], num_examples: int,
@@ -55,4 +55,7 @@ def weighted_mean_expected(values: Sequence[np.ndarray], weights: Sequence[int])
 def group_reply(outcomes: Sequence[ClientOutcome], mode: str, node_id: int,
                 message_type: str = MessageType.TRAIN) -> Message:
     """A fedkd node's reply for a group of clients (for testing `GroupedClients`)."""
-    return reply_message(pack_reply(list(outcomes), mode), node_id, message_type)
+    reply = GroupReply(mode)
+    for outcome in outcomes:
+        reply.add(outcome)
+    return reply_message(reply.build(), node_id, message_type)

@@ -10,9 +10,8 @@ tracebacks) and either the group's example-weighted mean (`arrays` +
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import time
+from dataclasses import dataclass
 
 import torch
 from flwr.app import (DEFAULT_TTL, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord,
@@ -119,14 +118,6 @@ class GroupReply:
                 NUM_EXAMPLES: self._examples,
                 **{k: v / self._examples for k, v in self._metric_sums.items()}})
         return self.content
-
-
-def pack_reply(outcomes: list[ClientOutcome], mode: str) -> RecordDict:
-    """A whole group's reply at once (tests; nodes use GroupReply incrementally)."""
-    reply = GroupReply(mode)
-    for outcome in outcomes:
-        reply.add(outcome)
-    return reply.build()
 
 
 def ok_ids(status: ConfigRecord) -> list[int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -74,15 +74,13 @@ class GroupedClients(Strategy):
     """Wraps a Flower strategy; see the module docstring."""
 
     def __init__(self, inner: Strategy, plan: ClientPlan, recorder: Recorder, mean_based: bool,
-                 shares_arrays: bool, client_config: str,
-                 on_round_end: Callable[[int], None] | None = None) -> None:
+                 shares_arrays: bool, client_config: str) -> None:
         self.inner, self.plan, self.recorder = inner, plan, recorder
         self.mean_based, self.shares_arrays = mean_based, shares_arrays
         self.client_config = client_config  # the resolved run config, sent to every node
         #: phase -> node id -> partition ids of the messages last sent (replies are matched to it)
         self.groups: dict[str, dict[int, list[int]]] = {}
         self._round_start: tuple[int, float] | None = None
-        self.on_round_end = on_round_end
 
     # -- rounds ---------------------------------------------------------------------------------
     def _round_begins(self, server_round: int) -> None:
@@ -95,8 +93,6 @@ class GroupedClients(Strategy):
             rnd, started = self._round_start
             self.recorder.round_time(rnd, time.perf_counter() - started)
             self._round_start = None
-            if self.on_round_end:
-                self.on_round_end(rnd)
 
     # -- messages out ----------------------------------------------------------------------------
     def _spread(self, template: list[Message], phase: str, server_round: int,
@@ -172,12 +168,8 @@ class GroupedClients(Strategy):
             inner_replies = [self._as_reply(msg.content["arrays"], msg.content["metrics"], msg)
                              for _, msg in good if "arrays" in msg.content]
         else:
-            inner_replies = []
-            for _, msg in good:
-                for pid in ok_ids(msg.content[STATUS_KEY]):
-                    metrics = msg.content[f"{CLIENT_METRIC_PREFIX}{pid}"]
-                    inner_replies.append(self._as_reply(msg.content[client_arrays_key(pid)],
-                                                        self._core_metrics(metrics), msg))
+            inner_replies = [self._as_reply(msg.content[client_arrays_key(pid)], metrics, msg)
+                             for pid, msg, metrics in self._ok_clients(good)]
         if not inner_replies:
             return None, None
         return self.inner.aggregate_train(server_round, inner_replies)
@@ -190,13 +182,15 @@ class GroupedClients(Strategy):
     def _core_metrics(metrics: MetricRecord) -> MetricRecord:
         return MetricRecord({k: metrics[k] for k in (NUM_EXAMPLES, "loss", "accuracy") if k in metrics})
 
-    def _client_records(self, good: list[tuple[int, Message]]) -> list[RecordDict]:
-        records = []
+    @classmethod
+    def _ok_clients(cls, good: list[tuple[int, Message]]) -> Iterator[tuple[int, Message, MetricRecord]]:
+        """(partition id, its group reply, its core metrics) for every client that succeeded."""
         for _, msg in good:
             for pid in ok_ids(msg.content[STATUS_KEY]):
-                metrics = msg.content[f"{CLIENT_METRIC_PREFIX}{pid}"]
-                records.append(RecordDict({"metrics": self._core_metrics(metrics)}))
-        return records
+                yield pid, msg, cls._core_metrics(msg.content[f"{CLIENT_METRIC_PREFIX}{pid}"])
+
+    def _client_records(self, good: list[tuple[int, Message]]) -> list[RecordDict]:
+        return [RecordDict({"metrics": metrics}) for _, _, metrics in self._ok_clients(good)]
 
     @staticmethod
     def _as_reply(arrays: ArrayRecord, metrics: MetricRecord, origin: Message) -> Message:
