@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ class EvalResult:
     loss: float
     accuracy: float
     num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)  # extras, e.g. Ditto's global-model accuracy
 
 
 class ClientAlgorithm(ABC):
@@ -126,6 +127,65 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 100
     return EvalResult(loss_sum / max(n, 1), correct / max(n, 1), n)
 
 
+#: extra loss terms of a training step: (inputs, targets, logits) -> scalar tensor
+Regularizer = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def proximal_term(model: nn.Module, anchor: Arrays, mu: float) -> Regularizer | None:
+    """mu/2 * ||w - anchor||^2 over the parameters present in `anchor` (FedProx, Ditto's pull)."""
+    pairs = [(p, anchor[name].to(p.device)) for name, p in model.named_parameters() if name in anchor]
+    if mu <= 0 or not pairs:
+        return None
+    return lambda x, y, logits: mu / 2 * sum((p - a).pow(2).sum() for p, a in pairs)
+
+
+def train_epochs(model: nn.Module, data: ClientData, cfg: FedkdConfig, generator: torch.Generator,
+                 *, epochs: int | None = None, trainable: list[str] | None = None,
+                 regularizers: tuple[Regularizer | None, ...] = (),
+                 state: dict[str, Any] | None = None, optimizer_key: str = "optimizer",
+                 ) -> dict[str, float]:
+    """Mini-batch training with cross-entropy plus `regularizers`; the one loop every method uses.
+
+    `trainable` names the parameters that learn (the rest are frozen for this call, as in
+    FedRep's head/body phases); `epochs` defaults to `train.local_epochs`. The optimizer's
+    state (e.g. momentum) persists in `state[optimizer_key]` when it has any. Returns the
+    pass's cross-entropy "loss" and "accuracy" (regularizers excluded).
+    """
+    names = set(trainable) if trainable is not None else None
+    frozen = [p for n, p in model.named_parameters() if names is not None and n not in names]
+    params = [p for n, p in model.named_parameters() if names is None or n in names]
+    terms = [r for r in regularizers if r is not None]
+    model.train()
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = make_optimizer(params, cfg)
+    if state is not None and state.get(optimizer_key):
+        optimizer.load_state_dict(state[optimizer_key])
+    loss_sum, correct, seen = 0.0, 0, 0
+    try:
+        for _ in range(cfg.train.local_epochs if epochs is None else epochs):
+            for idx in batches(len(data.y_train), cfg.train.batch_size, generator):
+                x, y = data.x_train[idx], data.y_train[idx]
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits, y)
+                objective = loss + sum(term(x, y, logits) for term in terms) if terms else loss
+                # keep .grad buffers allocated: the model object serves client after client, and
+                # re-allocating them every step fragments the heap (~3 MB/client retained)
+                optimizer.zero_grad(set_to_none=False)
+                objective.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    opt_state = optimizer.state_dict()
+    if state is not None and opt_state["state"]:
+        state[optimizer_key] = opt_state
+    return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1)}
+
+
 class PartialSharing(ClientAlgorithm):
     """A model split into shared parameters (aggregated by the server) and personal ones.
 
@@ -176,36 +236,14 @@ class PartialSharing(ClientAlgorithm):
 
     def local_update(self, model: FedModel, state: dict[str, Any], data: ClientData,
                      info: RoundInfo, anchor: Arrays) -> dict[str, float]:
-        """`train.local_epochs` of mini-batch training; the optimizer state persists in `state`."""
-        model.train()
-        optimizer = make_optimizer(model.parameters(), self.cfg)
-        if state.get("optimizer"):
-            optimizer.load_state_dict(state["optimizer"])
-        mu = float(info.server_config.get("proximal-mu", 0.0))
-        prox = [(p, anchor[name].to(p.device)) for name, p in model.named_parameters()
-                if mu > 0 and name in anchor]
-        generator = info.generator()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for _ in range(self.cfg.train.local_epochs):
-            for idx in batches(len(data.y_train), self.cfg.train.batch_size, generator):
-                x, y = data.x_train[idx], data.y_train[idx]
-                logits = model(x)
-                loss = nn.functional.cross_entropy(logits, y)
-                objective = loss
-                if prox:
-                    objective = loss + mu / 2 * sum((p - g).pow(2).sum() for p, g in prox)
-                # keep .grad buffers allocated: the model object serves client after client, and
-                # re-allocating them every step fragments the heap (~3 MB/client retained)
-                optimizer.zero_grad(set_to_none=False)
-                objective.backward()
-                optimizer.step()
-                loss_sum += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-        opt_state = optimizer.state_dict()
-        if opt_state["state"]:
-            state["optimizer"] = opt_state
-        return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1)}
+        """`train.local_epochs` of mini-batch training (with the proximal term when mu > 0)."""
+        prox = proximal_term(model, anchor, self.proximal_mu(info))
+        return train_epochs(model, data, self.cfg, info.generator(), regularizers=(prox,),
+                            state=state)
+
+    def proximal_mu(self, info: RoundInfo) -> float:
+        """FedProx's mu: sent by the FedProx strategy as `proximal-mu` (0 otherwise)."""
+        return float(info.server_config.get("proximal-mu", 0.0))
 
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:

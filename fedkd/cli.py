@@ -96,10 +96,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 run_experiment(cfg, run_dir, quiet=args.quiet)
                 shutil.copyfile(run_dir / "summary.json", result)
             rows.append({"run": label, "seed": seed, **json.loads(result.read_text())})
-    table = sweep_table(rows)
-    (out / "sweep.md").write_text(table + "\n")
-    print(table)
-    console.print(f"table: {out / 'sweep.md'}")
+    print(sweep_table(rows))
+    # the setting's table: every result under OUT, so several sweeps (e.g. other models) add up
+    labels = list(dict.fromkeys([lab for lab, _, _ in plans] + sorted(
+        p.parent.name for p in out.glob("*/seed*.json"))))
+    everything = [{"run": lab, **json.loads(p.read_text())} for lab in labels
+                  for p in sorted((out / lab).glob("seed*.json"))]
+    (out / "sweep.md").write_text(sweep_table(everything) + "\n")
+    console.print(f"table of all {len(everything)} results in {out}: {out / 'sweep.md'}")
     return 0
 
 

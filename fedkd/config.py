@@ -47,14 +47,15 @@ def check_choice(key: str, value: str, options: Iterable[str]) -> None:
         raise ConfigError(key, value, f"unknown name; {suggest(value, options)}")
 
 
-def _f(default: Any, **meta: Any) -> Any:
+def setting(default: Any, **meta: Any) -> Any:
+    """A config field with its checks as metadata: min/max/gt/lt bounds, choices (see check_fields)."""
     return field(default=default, metadata=meta)
 
 
 @dataclass
 class ExperimentConfig:
     name: str = "quickstart"
-    seed: int = _f(0, min=0)
+    seed: int = setting(0, min=0)
     output_dir: str = "runs"
 
 
@@ -62,20 +63,20 @@ class ExperimentConfig:
 class PartitionerConfig:
     """How a pooled dataset is split over clients (flwr-datasets partitioners)."""
 
-    name: str = _f("iid", choices=("iid", "dirichlet", "pathological", "shard", "given"))
-    alpha: float = _f(0.5, gt=0.0)
-    classes_per_client: int = _f(2, min=1)
-    shards_per_client: int = _f(2, min=1)
-    min_partition_size: int = _f(10, min=0)
+    name: str = setting("iid", choices=("iid", "dirichlet", "pathological", "shard", "given"))
+    alpha: float = setting(0.5, gt=0.0)
+    classes_per_client: int = setting(2, min=1)
+    shards_per_client: int = setting(2, min=1)
+    min_partition_size: int = setting(10, min=0)
 
 
 @dataclass
 class DataConfig:
     dataset: str = "mnist5k"
     data_dir: str = ""  # "" -> $FEDKD_DATA_DIR -> ./data
-    num_clients: int = _f(10, min=1)
+    num_clients: int = setting(10, min=1)
     partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
-    test_fraction: float = _f(0.25, gt=0.0, lt=1.0)
+    test_fraction: float = setting(0.25, gt=0.0, lt=1.0)
     hf_image_key: str = "image"  # for `hf:<name>` datasets
     hf_label_key: str = "label"
 
@@ -87,36 +88,36 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    rounds: int = _f(5, min=1)
-    local_epochs: int = _f(1, min=1)
-    batch_size: int = _f(10, min=1)
-    optimizer: str = _f("sgd", choices=("sgd", "adam"))
-    lr: float = _f(0.01, gt=0.0)
-    momentum: float = _f(0.0, min=0.0, lt=1.0)
-    weight_decay: float = _f(0.0, min=0.0)
-    fraction_clients: float = _f(1.0, gt=0.0, max=1.0)
+    rounds: int = setting(5, min=1)
+    local_epochs: int = setting(1, min=1)
+    batch_size: int = setting(10, min=1)
+    optimizer: str = setting("sgd", choices=("sgd", "adam"))
+    lr: float = setting(0.01, gt=0.0)
+    momentum: float = setting(0.0, min=0.0, lt=1.0)
+    weight_decay: float = setting(0.0, min=0.0)
+    fraction_clients: float = setting(1.0, gt=0.0, max=1.0)
 
 
 @dataclass
 class EvaluationConfig:
-    every: int = _f(1, min=1)
-    fraction_clients: float = _f(1.0, gt=0.0, max=1.0)
+    every: int = setting(1, min=1)
+    fraction_clients: float = setting(1.0, gt=0.0, max=1.0)
     central: bool = True  # evaluate the global model on the dataset's global test set
 
 
 @dataclass
 class SimulationConfig:
-    client_cpus: float = _f(1.0, gt=0.0)
-    client_gpus: float = _f(0.0, min=0.0, max=1.0)
-    num_nodes: int = _f(0, min=0)  # Flower nodes; 0 = one per Ray actor, num_clients = plain mapping
+    client_cpus: float = setting(1.0, gt=0.0)
+    client_gpus: float = setting(0.0, min=0.0, max=1.0)
+    num_nodes: int = setting(0, min=0)  # Flower nodes; 0 = one per Ray actor, num_clients = plain mapping
     ray_address: str = ""  # join an existing Ray cluster instead of starting one
-    timeout: float = _f(3600.0, gt=0.0)
+    timeout: float = setting(3600.0, gt=0.0)
 
 
 @dataclass
 class DeviceConfig:
-    type: str = _f("cpu", choices=("cpu", "cuda", "auto"))
-    threads_per_client: int = _f(1, min=1)
+    type: str = setting("cpu", choices=("cpu", "cuda", "auto"))
+    threads_per_client: int = setting(1, min=1)
 
 
 @dataclass
@@ -125,7 +126,7 @@ class FaultConfig:
 
     clients: list[int] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
-    phase: str = _f("train", choices=("train", "evaluate"))
+    phase: str = setting("train", choices=("train", "evaluate"))
 
 
 @dataclass
@@ -161,7 +162,7 @@ def _check_ranges(obj: Any, prefix: str = "") -> None:
 
 
 def check_fields(obj: Any, prefix: str) -> None:
-    """Range/choice checks for any dataclass instance built with `_f` metadata (methods use it too)."""
+    """Range/choice checks for any dataclass instance built with `setting` metadata (methods use it too)."""
     _check_ranges(obj, prefix)
 
 

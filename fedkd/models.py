@@ -20,6 +20,7 @@ from fedkd.config import ConfigError, suggest
 
 MODELS: dict[str, str] = {
     "cnn": "PFLlib FedAvgCNN: 2x(conv5x5+pool) -> fc 512 -> head (582,026 params on MNIST)",
+    "cnn_bn": "the CNN with BatchNorm after each conv (for FedBN; FedBN on the plain CNN is FedAvg)",
     "mlp": "FedAvg 2NN: flatten -> 200 -> 200 -> head",
     "resnet8": "CIFAR-style ResNet-8: BasicBlocks, widths 16/32/64, BatchNorm, global avg pool",
     "resnet10": "ResNet-10: ResNet-18 layout with 1 BasicBlock/stage, widths 64-512, BatchNorm",
@@ -70,8 +71,9 @@ def _cnn_out(size: int, pad: int) -> int:
 
 
 def _cnn(name: str, input_shape: tuple[int, ...], num_classes: int) -> FedModel:
-    """FedAvgCNN. Inputs too small for unpadded 5x5 convs (e.g. 8x8) get padding=2 ('same')
-    so the net still runs; 28x28 and 32x32 keep PFLlib's exact unpadded layout."""
+    """FedAvgCNN (`cnn_bn`: BatchNorm after each conv, before ReLU, as in FedBN's CNN).
+    Inputs too small for unpadded 5x5 convs (e.g. 8x8) get padding=2 ('same') so the net
+    still runs; 28x28 and 32x32 keep PFLlib's exact unpadded layout."""
     c, h, w = _image_shape(name, input_shape)
     pad = 0 if min(_cnn_out(h, 0), _cnn_out(w, 0)) >= 1 else 2
     oh, ow = _cnn_out(h, pad), _cnn_out(w, pad)
@@ -80,10 +82,16 @@ def _cnn(name: str, input_shape: tuple[int, ...], num_classes: int) -> FedModel:
             "model.name", name, f"input {h}x{w} too small for the CNN (needs at least 4x4)"
         )
     dim = 64 * oh * ow
+
+    def conv(cin: int, cout: int) -> nn.Sequential:
+        norm = [nn.BatchNorm2d(cout)] if name == "cnn_bn" else []
+        return nn.Sequential(nn.Conv2d(cin, cout, 5, padding=pad), *norm, nn.ReLU(inplace=True),
+                             nn.MaxPool2d(2))
+
     features = nn.Sequential(
         OrderedDict(
-            conv1=nn.Sequential(nn.Conv2d(c, 32, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
-            conv2=nn.Sequential(nn.Conv2d(32, 64, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+            conv1=conv(c, 32),
+            conv2=conv(32, 64),
             flatten=nn.Flatten(),
             fc1=nn.Sequential(nn.Linear(dim, 512), nn.ReLU(inplace=True)),
         )
@@ -155,6 +163,7 @@ def _resnet(widths: tuple[int, ...]) -> Callable[[str, tuple[int, ...], int], Fe
 
 _BUILDERS: dict[str, Callable[[str, tuple[int, ...], int], FedModel]] = {
     "cnn": _cnn,
+    "cnn_bn": _cnn,
     "mlp": _mlp,
     "resnet8": _resnet((16, 32, 64)),
     "resnet10": _resnet((64, 128, 256, 512)),
@@ -173,3 +182,28 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _BUILDERS[name](name, tuple(input_shape), num_classes)
+
+
+def batchnorm_keys(model: nn.Module) -> list[str]:
+    """state_dict keys owned by BatchNorm layers (affine params and running statistics).
+
+    Found by module type, not by name: names miss e.g. a ResNet shortcut's BN (`shortcut.1`).
+    """
+    return [f"{name}.{key}" if name else key
+            for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for key in module.state_dict(keep_vars=True)]
+
+
+def under(key: str, prefixes: list[str] | tuple[str, ...]) -> bool:
+    """Whether state_dict `key` lies under one of the module `prefixes` (e.g. "head")."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def check_prefixes(option: str, prefixes: list[str], model_name: str) -> None:
+    """Reject module prefixes that name nothing in `model_name` (before any simulation starts)."""
+    keys = list(build_model(model_name, (3, 32, 32), 10, 0).state_dict())
+    modules = sorted({k.rsplit(".", 1)[0] for k in keys})
+    for prefix in prefixes:
+        if not any(under(k, [prefix]) for k in keys):
+            raise ConfigError(option, prefix, f"no such module in {model_name}; {suggest(prefix, modules)}")

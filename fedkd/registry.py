@@ -9,15 +9,20 @@ them before any simulation starts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fedkd.clients.base import ClientAlgorithm
+from fedkd.clients.ditto import DittoClient, DittoSettings
 from fedkd.clients.fedavg import FedAvgClient, FedAvgSettings
 from fedkd.clients.local import LocalClient, LocalSettings
+from fedkd.clients.personalized import (FedBNClient, FedBNSettings, FedPerClient, FedPerSettings,
+                                        FedProxClient, FedProxSettings, FedRepClient,
+                                        FedRepSettings, LGFedAvgClient, LGFedAvgSettings)
 from fedkd.config import CONFIG_DIR, ConfigError, FedkdConfig, check_choice, check_fields, suggest
+from fedkd.models import check_prefixes
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,8 @@ class MethodSpec:
     client: type[ClientAlgorithm]
     settings: type  # dataclass of the `method` section
     description: str
+    #: cross-section checks of the method's settings against the rest of the config
+    check: Callable[[FedkdConfig, Any], None] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -39,6 +46,33 @@ register_method(MethodSpec("fedavg", FedAvgClient, FedAvgSettings,
                            "global model, trained locally and averaged by the strategy"))
 register_method(MethodSpec("local", LocalClient, LocalSettings,
                            "each client trains alone, nothing shared (lower baseline)"))
+
+
+def _not_with_fedprox_strategy(cfg: FedkdConfig, settings: Any) -> None:
+    if cfg.strategy.get("name") == "fedprox":
+        raise ConfigError("strategy.name", "fedprox", "method fedprox already adds the proximal term "
+                          "(method.mu); use strategy.name=fedavg, or method.name=fedavg with it")
+
+
+def _layers(option: str) -> Callable[[FedkdConfig, Any], None]:
+    return lambda cfg, settings: check_prefixes(f"method.{option}", getattr(settings, option),
+                                                cfg.model.name)
+
+
+register_method(MethodSpec("fedprox", FedProxClient, FedProxSettings,
+                           "FedAvg + proximal term mu/2 ||w - w_global||^2 (method.mu)",
+                           _not_with_fedprox_strategy))
+register_method(MethodSpec("fedper", FedPerClient, FedPerSettings,
+                           "shared base, personal head trained jointly", _layers("personal_layers")))
+register_method(MethodSpec("fedrep", FedRepClient, FedRepSettings,
+                           "shared body; personal head trained first with the body frozen",
+                           _layers("personal_layers")))
+register_method(MethodSpec("fedbn", FedBNClient, FedBNSettings,
+                           "everything shared but BatchNorm layers (use a BN model, e.g. cnn_bn)"))
+register_method(MethodSpec("lgfedavg", LGFedAvgClient, LGFedAvgSettings,
+                           "local representation, global head", _layers("global_layers")))
+register_method(MethodSpec("ditto", DittoClient, DittoSettings,
+                           "FedAvg global model + personal model pulled toward it (method.mu)"))
 
 
 def apply_section_defaults(user: DictConfig, overrides: DictConfig) -> DictConfig:
@@ -73,15 +107,23 @@ def method_settings(cfg: FedkdConfig) -> Any:
     return settings
 
 
+def check_method(cfg: FedkdConfig) -> None:
+    """The method's settings, alone and against the model and strategy of the run."""
+    settings = method_settings(cfg)  # checks the name first
+    spec = METHODS[cfg.method.get("name", "fedavg")]
+    if spec.check is not None:
+        spec.check(cfg, settings)
+
+
 def validate(cfg: FedkdConfig) -> None:
     """Every name and cross-section rule, before any simulation starts."""
     from fedkd.data import check_available
     from fedkd.models import MODELS
     from fedkd.strategies.flower import strategy_options
 
-    method_settings(cfg)
     strategy_options(cfg.strategy)
     check_choice("model.name", cfg.model.name, MODELS)
+    check_method(cfg)
     check_available(cfg.data)
     for pid in cfg.faults.clients:
         if not 0 <= pid < cfg.data.num_clients:

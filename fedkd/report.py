@@ -116,6 +116,10 @@ def summarize(run_dir: Path) -> dict:
     failed = [r for r in records if r.get("status") == "failed"]
     round_secs = {r["round"]: r["seconds"] for r in records if r["phase"] == "round" and r.get("seconds") is not None}
     later = [s for rnd, s in sorted(round_secs.items()) if rnd >= 2] or list(round_secs.values())
+    trained = [r for r in records if r["phase"] == "train" and r.get("status") == "ok"]
+    last_evals = list(evals[last["round"]].values()) if last else []
+    # other accuracies a method logs beside its headline, e.g. Ditto's global model ("global_accuracy")
+    extra = sorted({k for r in last_evals for k in r if k.endswith("_accuracy")})
     return {
         "experiment": _get(cfg, "experiment.name"), "method": _get(cfg, "method.name"),
         "strategy": _get(cfg, "strategy.name"), "dataset": _get(cfg, "data.dataset"),
@@ -128,6 +132,10 @@ def summarize(run_dir: Path) -> dict:
         "accuracy_worst10": last.get("accuracy_worst10"), "clients_evaluated": last.get("clients"),
         "best_round": best.get("round"), "best_accuracy": best.get("accuracy"),
         "central_accuracy": central[-1]["accuracy"] if central else None,
+        **{k: round_stats([{**r, "accuracy": r[k]} for r in last_evals if r.get(k) is not None])["accuracy"]
+           for k in extra},
+        "bytes_sent_per_client_round": (statistics.fmean(r.get("bytes_sent") or 0 for r in trained)
+                                        if trained else None),
         "failures": len(failed),
         "failed_clients": [{"round": r["round"], "phase": r["phase"], "partition_id": r.get("partition_id"),
                             "error": error_line(r.get("error"))} for r in failed],
@@ -337,7 +345,9 @@ def sweep_table(rows: list[dict]) -> str:
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         groups[r["run"]].append(r)
-    keys = ["accuracy", "accuracy_unweighted", "accuracy_std", "accuracy_worst10", "seconds_per_round"]
+    keys = ["accuracy", "accuracy_unweighted", "accuracy_std", "accuracy_worst10", "best_accuracy",
+            "seconds_per_round", "bytes_sent_per_client_round"]
+    digits = {"seconds_per_round": 2, "bytes_sent_per_client_round": 0}
 
     def stat(vals: list[float], digits: int) -> str:
         if not vals:
@@ -345,7 +355,8 @@ def sweep_table(rows: list[dict]) -> str:
         mean = statistics.fmean(vals)
         return f"{mean:.{digits}f} ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else f"{mean:.{digits}f}"
 
-    body = [[label, *(stat([g[k] for g in grp if g.get(k) is not None], 2 if k == "seconds_per_round" else 4)
+    body = [[label, *(stat([g[k] for g in grp if g.get(k) is not None], digits.get(k, 4))
                       for k in keys), len(grp)] for label, grp in groups.items()]
-    head = ["run", HEADLINE, "unweighted mean", "std across clients", "worst-10%", "s/round", "n seeds"]
+    head = ["run", HEADLINE, "unweighted mean", "std across clients", "worst-10%",
+            "best of evaluations", "s/round", "bytes sent/client/round", "n seeds"]
     return to_markdown([("table", head, body), ("p", "Values are mean ± sample std (ddof=1) over seeds.")])

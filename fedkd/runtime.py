@@ -90,7 +90,8 @@ class ClientRuntime:
                     self.store.save(pid, state)
             else:
                 ev = self.algorithm.evaluate(on_device, state, data, info)
-                metrics = {"loss": ev.loss, "accuracy": ev.accuracy, NUM_EXAMPLES: ev.num_examples}
+                metrics = {**ev.metrics, "loss": ev.loss, "accuracy": ev.accuracy,
+                           NUM_EXAMPLES: ev.num_examples}
             metrics.update({"seconds": time.perf_counter() - started,
                             "bytes-received": nbytes(received),
                             "bytes-sent": nbytes(arrays) if arrays else 0,

@@ -67,7 +67,7 @@ def test_missing_data_dir_names_the_path(tmp_path: Path) -> None:
     from fedkd.data import DataError
 
     with pytest.raises(DataError, match=str(tmp_path / "nope")):
-        load_config("configs/experiment/std-mnist-fedavg.yaml", [f"data.data_dir={tmp_path / 'nope'}"])
+        load_config("configs/experiment/std-mnist.yaml", [f"data.data_dir={tmp_path / 'nope'}"])
 
 
 @pytest.mark.parametrize("argv", [

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from fedkd.config import ConfigError
-from fedkd.models import MODELS, FedModel, build_model
+from fedkd.models import MODELS, FedModel, batchnorm_keys, build_model, check_prefixes
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]
-FEATURE_DIM = {"cnn": 512, "mlp": 200, "resnet8": 64, "resnet10": 512}
+FEATURE_DIM = {"cnn": 512, "cnn_bn": 512, "mlp": 200, "resnet8": 64, "resnet10": 512}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -75,3 +75,20 @@ def test_unknown_name_suggests() -> None:
         build_model("cnnn", (1, 28, 28), 10, seed=0)
     assert "model.name" in str(err.value) and "did you mean 'cnn'" in str(err.value)
     assert err.value.key == "model.name"
+
+
+def test_batchnorm_keys_are_found_by_module_type() -> None:
+    assert batchnorm_keys(build_model("cnn", (1, 28, 28), 10, 0)) == []
+    bn = batchnorm_keys(build_model("cnn_bn", (1, 28, 28), 10, 0))
+    assert bn == [f"features.conv{i}.1.{k}" for i in (1, 2)
+                  for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    resnet = batchnorm_keys(build_model("resnet8", (3, 32, 32), 10, 0))
+    # a shortcut's BN is unnamed ("shortcut.1"): a name rule like PFLlib's "bn" in key misses it
+    assert "features.layer2.shortcut.1.running_var" in resnet
+    assert not [k for k in resnet if "bn" not in k and "shortcut" not in k and "stem" not in k]
+
+
+def test_unknown_layer_prefix_is_rejected_with_the_modules_named() -> None:
+    check_prefixes("method.personal_layers", ["head", "features.fc1"], "cnn")
+    with pytest.raises(ConfigError, match=r"method.personal_layers.*'haed'.*did you mean 'head'"):
+        check_prefixes("method.personal_layers", ["haed"], "cnn")
