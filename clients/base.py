@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fedkd.config import FedkdConfig
-from fedkd.models import FedModel, build_model
+from fedkd.models import FedModel, build_model, under
 
 Arrays = dict[str, Tensor]
 
@@ -53,6 +53,7 @@ class TrainResult:
     arrays: Arrays  # what goes back to the server (only what the method shares)
     metrics: dict[str, float]  # at least "loss" and "accuracy" of the training pass
     num_examples: int
+    weight: float | None = None  # weight in the server's mean; None = num_examples
 
 
 @dataclass
@@ -68,11 +69,27 @@ class ClientAlgorithm(ABC):
 
     #: which model a client evaluates: "global" or "personalized" (shown in the report)
     evaluates: str = "global"
+    #: how the server combines what clients send: "strategy" (the Flower strategy named in
+    #: `strategy.name`, over model tensors) or "class-means" (per-class tables, fedkd's own rule)
+    aggregation: str = "strategy"
 
     def __init__(self, cfg: FedkdConfig, settings: Any, input_shape: tuple[int, ...],
                  num_classes: int, device: torch.device) -> None:
         self.cfg, self.settings, self.device = cfg, settings, device
         self.input_shape, self.num_classes = input_shape, num_classes
+
+    def aggregation_weight(self, num_examples: int) -> float:
+        """A client's weight in the server's mean: its train examples, or 1 for methods whose
+        settings say `aggregation: uniform` (PFLlib's FedNTD, FML, FedKD average uniformly)."""
+        return 1.0 if getattr(self.settings, "aggregation", "examples") == "uniform" else num_examples
+
+    def wire_bytes(self, arrays: Arrays, info: RoundInfo) -> int | None:
+        """Bytes `arrays` take on the wire when the method compresses them (None: their raw size).
+
+        A compressing method (FedKD's SVD) applies the lossy round trip itself, to what it
+        returns and to what it receives, and reports the compressed size here.
+        """
+        return None
 
     def build_model(self) -> FedModel:
         """The run's model with the run's seeded initialization (identical on server and clients)."""
@@ -139,26 +156,42 @@ def proximal_term(model: nn.Module, anchor: Arrays, mu: float) -> Regularizer | 
     return lambda x, y, logits: mu / 2 * sum((p - a).pow(2).sum() for p, a in pairs)
 
 
+#: a whole training step's loss: (inputs, targets) -> (objective to minimize, logits to report)
+Objective = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
 def train_epochs(model: nn.Module, data: ClientData, cfg: FedkdConfig, generator: torch.Generator,
                  *, epochs: int | None = None, trainable: list[str] | None = None,
-                 regularizers: tuple[Regularizer | None, ...] = (),
+                 regularizers: tuple[Regularizer | None, ...] = (), objective: Objective | None = None,
+                 lr: dict[str, float] | None = None, max_grad_norm: dict[str, float] | None = None,
                  state: dict[str, Any] | None = None, optimizer_key: str = "optimizer",
                  ) -> dict[str, float]:
-    """Mini-batch training with cross-entropy plus `regularizers`; the one loop every method uses.
+    """Mini-batch training over the client's data; the one loop every method uses.
 
-    `trainable` names the parameters that learn (the rest are frozen for this call, as in
-    FedRep's head/body phases); `epochs` defaults to `train.local_epochs`. The optimizer's
-    state (e.g. momentum) persists in `state[optimizer_key]` when it has any. Returns the
-    pass's cross-entropy "loss" and "accuracy" (regularizers excluded).
+    The default step minimizes cross-entropy of `model(x)` plus `regularizers`; `objective`
+    replaces the whole step (e.g. mutual learning of several models held in one ModuleDict,
+    `model`). `trainable` names the parameters that learn (the rest are frozen for this call, as
+    in FedRep's head/body phases); `lr` gives some submodules (by name prefix) their own learning
+    rate and `max_grad_norm` clips the gradient norm per submodule (PFLlib's FML/FedKD clip each
+    model at 10). `epochs` defaults to `train.local_epochs`. The optimizer's state (e.g. momentum)
+    persists in `state[optimizer_key]` when it has any. Returns the reported logits'
+    cross-entropy "loss" and "accuracy" (regularizers excluded).
     """
     names = set(trainable) if trainable is not None else None
-    frozen = [p for n, p in model.named_parameters() if names is not None and n not in names]
-    params = [p for n, p in model.named_parameters() if names is None or n in names]
+    named = list(model.named_parameters())
+    frozen = [p for n, p in named if names is not None and n not in names]
+    learning = [(n, p) for n, p in named if names is None or n in names]
+    groups: dict[float, list[Tensor]] = {}
+    for n, p in learning:
+        rate = next((r for prefix, r in (lr or {}).items() if under(n, [prefix])), cfg.train.lr)
+        groups.setdefault(rate, []).append(p)
+    clip = [([p for n, p in learning if under(n, [prefix])], norm)
+            for prefix, norm in (max_grad_norm or {}).items()]
     terms = [r for r in regularizers if r is not None]
     model.train()
     for p in frozen:
         p.requires_grad_(False)
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer([{"params": ps, "lr": rate} for rate, ps in groups.items()], cfg)
     if state is not None and state.get(optimizer_key):
         optimizer.load_state_dict(state[optimizer_key])
     loss_sum, correct, seen = 0.0, 0, 0
@@ -166,13 +199,19 @@ def train_epochs(model: nn.Module, data: ClientData, cfg: FedkdConfig, generator
         for _ in range(cfg.train.local_epochs if epochs is None else epochs):
             for idx in batches(len(data.y_train), cfg.train.batch_size, generator):
                 x, y = data.x_train[idx], data.y_train[idx]
-                logits = model(x)
-                loss = nn.functional.cross_entropy(logits, y)
-                objective = loss + sum(term(x, y, logits) for term in terms) if terms else loss
+                if objective is None:
+                    logits = model(x)
+                    loss = nn.functional.cross_entropy(logits, y)
+                    total = loss + sum(term(x, y, logits) for term in terms) if terms else loss
+                else:
+                    total, logits = objective(x, y)
+                    loss = nn.functional.cross_entropy(logits.detach(), y)
                 # keep .grad buffers allocated: the model object serves client after client, and
                 # re-allocating them every step fragments the heap (~3 MB/client retained)
                 optimizer.zero_grad(set_to_none=False)
-                objective.backward()
+                total.backward()
+                for params, norm in clip:
+                    nn.utils.clip_grad_norm_(params, norm)
                 optimizer.step()
                 loss_sum += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())
@@ -184,6 +223,23 @@ def train_epochs(model: nn.Module, data: ClientData, cfg: FedkdConfig, generator
     if state is not None and opt_state["state"]:
         state[optimizer_key] = opt_state
     return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1)}
+
+
+class PrivateModel:
+    """A second model that only ever lives in the client state (Ditto's personal model, FML's
+    local model, FedKD's mentor): loaded from `state[key]`, or the run's seeded initialization
+    before the client's first round; saved back after training."""
+
+    def __init__(self, model: nn.Module, key: str) -> None:
+        self.model, self.key = model, key
+        self.init = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def load(self, state: dict[str, Any]) -> nn.Module:
+        self.model.load_state_dict(state.get(self.key) or self.init)
+        return self.model
+
+    def save(self, state: dict[str, Any]) -> None:
+        state[self.key] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
 
 class PartialSharing(ClientAlgorithm):
@@ -219,8 +275,8 @@ class PartialSharing(ClientAlgorithm):
     def load(self, received: Arrays, state: dict[str, Any]) -> FedModel:
         """The model this client uses: received shared parameters + its own personal ones."""
         personal = state.get("personal") or {k: self._init_state[k] for k in self.personal_keys}
-        merged = {**{k: self._init_state[k] for k in self.shared_keys}, **received, **personal}
-        self.model.load_state_dict(merged)
+        shared = {k: received.get(k, self._init_state[k]) for k in self.shared_keys}
+        self.model.load_state_dict({**shared, **personal})
         return self.model
 
     def train(self, received: Arrays, state: dict[str, Any], data: ClientData,
@@ -230,9 +286,14 @@ class PartialSharing(ClientAlgorithm):
         sd = model.state_dict()
         if self.personal_keys:
             state["personal"] = {k: sd[k].detach().clone() for k in self.personal_keys}
-        # clones: the model object is reused for the next client of this process
-        return TrainResult({k: sd[k].detach().clone() for k in self.shared_keys}, metrics,
-                           len(data.y_train))
+        return TrainResult(self.upload(model, state), metrics, len(data.y_train),
+                           self.aggregation_weight(len(data.y_train)))
+
+    def upload(self, model: FedModel, state: dict[str, Any]) -> Arrays:
+        """What goes back to the server after `local_update`: by default the shared parameters
+        (clones: the model object is reused for the next client of this process)."""
+        sd = model.state_dict()
+        return {k: sd[k].detach().clone() for k in self.shared_keys}
 
     def local_update(self, model: FedModel, state: dict[str, Any], data: ClientData,
                      info: RoundInfo, anchor: Arrays) -> dict[str, float]:

@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedkd.clients.base import (Arrays, ClientData, EvalResult, PartialSharing, RoundInfo,
-                                TrainResult, evaluate_model, proximal_term, train_epochs)
+from fedkd.clients.base import (Arrays, ClientData, EvalResult, PartialSharing, PrivateModel,
+                                RoundInfo, TrainResult, evaluate_model, proximal_term, train_epochs)
 from fedkd.config import setting
-from fedkd.models import FedModel
 
 PERSONAL_MODEL = "personal-model"
 
@@ -36,29 +35,24 @@ class DittoClient(PartialSharing):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.personal = self.build_model()
-
-    def personal_model(self, state: dict[str, Any]) -> FedModel:
-        """This client's personal model (the run's seeded initialization before its first round)."""
-        self.personal.load_state_dict(state.get(PERSONAL_MODEL) or self._init_state)
-        return self.personal
+        self.personal = PrivateModel(self.build_model(), PERSONAL_MODEL)
 
     def train(self, received: Arrays, state: dict[str, Any], data: ClientData,
               info: RoundInfo) -> TrainResult:
-        personal = self.personal_model(state)
+        personal = self.personal.load(state)
         pull = proximal_term(personal, received, self.settings.mu)
         # salt 1: the global phase keeps FedAvg's exact batch order (salt 0)
         personal_metrics = train_epochs(personal, data, self.cfg, info.generator(1),
                                         epochs=self.settings.personal_epochs, regularizers=(pull,),
                                         state=state, optimizer_key="optimizer-personal")
-        state[PERSONAL_MODEL] = {k: v.detach().clone() for k, v in personal.state_dict().items()}
+        self.personal.save(state)
         result = super().train(received, state, data, info)
         result.metrics.update({f"personal-{k}": v for k, v in personal_metrics.items()})
         return result
 
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
-        own = evaluate_model(self.personal_model(state), data.x_test, data.y_test)
+        own = evaluate_model(self.personal.load(state), data.x_test, data.y_test)
         shared = evaluate_model(self.load(received, state), data.x_test, data.y_test)
         own.metrics = {"global-accuracy": shared.accuracy, "global-loss": shared.loss}
         return own

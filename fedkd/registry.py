@@ -15,8 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fedkd.clients.base import ClientAlgorithm
+from fedkd.clients.class_tables import (FedDistillClient, FedDistillSettings, FedProtoClient,
+                                        FedProtoSettings)
 from fedkd.clients.ditto import DittoClient, DittoSettings
 from fedkd.clients.fedavg import FedAvgClient, FedAvgSettings
+from fedkd.clients.fedntd import FedNTDClient, FedNTDSettings
+from fedkd.clients.fml import FMLClient, FMLSettings
 from fedkd.clients.local import LocalClient, LocalSettings
 from fedkd.clients.personalized import (FedBNClient, FedBNSettings, FedPerClient, FedPerSettings,
                                         FedProxClient, FedProxSettings, FedRepClient,
@@ -73,6 +77,23 @@ register_method(MethodSpec("lgfedavg", LGFedAvgClient, LGFedAvgSettings,
                            "local representation, global head", _layers("global_layers")))
 register_method(MethodSpec("ditto", DittoClient, DittoSettings,
                            "FedAvg global model + personal model pulled toward it (method.mu)"))
+
+
+def _own_aggregation(cfg: FedkdConfig, settings: Any) -> None:
+    if cfg.strategy.get("name", "fedavg") != "fedavg":
+        raise ConfigError("strategy.name", cfg.strategy.get("name"),
+                          f"{settings.name} combines per-class tables with its own rule "
+                          f"(method.weighting); leave strategy.name at fedavg")
+
+
+register_method(MethodSpec("fedntd", FedNTDClient, FedNTDSettings,
+                           "FedAvg + not-true distillation from the global model (beta, tau)"))
+register_method(MethodSpec("fml", FMLClient, FMLSettings,
+                           "mutual learning of a private local model and a shared meme model"))
+register_method(MethodSpec("feddistill", FedDistillClient, FedDistillSettings,
+                           "personal models; shares per-class mean logits (FD)", _own_aggregation))
+register_method(MethodSpec("fedproto", FedProtoClient, FedProtoSettings,
+                           "personal models; shares per-class feature prototypes", _own_aggregation))
 
 
 def apply_section_defaults(user: DictConfig, overrides: DictConfig) -> DictConfig:

@@ -68,6 +68,12 @@ class ClientRuntime:
         if pid in f.clients and phase == f.phase and (not f.rounds or server_round in f.rounds):
             raise InjectedFailure(f"injected failure: client {pid}, round {server_round}, {phase}")
 
+    def _wire_bytes(self, arrays: Arrays | None, info: RoundInfo) -> int:
+        if not arrays:
+            return 0
+        compressed = self.algorithm.wire_bytes(arrays, info)
+        return nbytes(arrays) if compressed is None else compressed
+
     def run(self, phase: str, pid: int, received: Arrays, server_round: int,
             server_config: dict[str, Any]) -> ClientOutcome:
         """One client's train or evaluate call; an exception becomes a failed outcome with traceback."""
@@ -83,7 +89,9 @@ class ClientRuntime:
             if phase == "train":
                 result = self.algorithm.train(on_device, state, data, info)
                 arrays = as_tensor_dict(result.arrays)
-                metrics = {**result.metrics, NUM_EXAMPLES: result.num_examples}
+                weight = result.num_examples if result.weight is None else result.weight
+                # num-examples is what strategies weigh by; train-examples what was trained on
+                metrics = {**result.metrics, NUM_EXAMPLES: weight, "train-examples": result.num_examples}
                 if state:  # stateless clients (plain FedAvg) cost no file I/O
                     state[TRAIN_CALLS] = state.get(TRAIN_CALLS, 0) + 1
                     metrics["train-calls"] = state[TRAIN_CALLS]
@@ -93,8 +101,8 @@ class ClientRuntime:
                 metrics = {**ev.metrics, "loss": ev.loss, "accuracy": ev.accuracy,
                            NUM_EXAMPLES: ev.num_examples}
             metrics.update({"seconds": time.perf_counter() - started,
-                            "bytes-received": nbytes(received),
-                            "bytes-sent": nbytes(arrays) if arrays else 0,
+                            "bytes-received": self._wire_bytes(received, info),
+                            "bytes-sent": self._wire_bytes(arrays, info),
                             "worker-pid": os.getpid()})
             return ClientOutcome(pid, metrics, arrays)
         except Exception:  # a failing client must not take its group down

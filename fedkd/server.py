@@ -12,7 +12,8 @@ from fedkd.clients.base import Arrays, ClientAlgorithm, evaluate_model
 from fedkd.config import FedkdConfig, to_yaml
 from fedkd.data import FederatedData, load_federated
 from fedkd.recorder import Recorder
-from fedkd.strategies.flower import build_flower_strategy
+from fedkd.strategies.class_means import ClassMeans
+from fedkd.strategies.flower import EVERY_NODE, build_flower_strategy
 from fedkd.strategies.grouped import ClientPlan, GroupedClients
 from fedkd.wire import arrays_to_tensors
 
@@ -56,9 +57,14 @@ def build_strategy(cfg: FedkdConfig, recorder: Recorder
                    ) -> tuple[GroupedClients, Arrays, EvaluateFn | None]:
     data = load_federated(cfg.data, cfg.experiment.seed)
     algorithm = server_algorithm(cfg, data)
-    inner, spec = build_flower_strategy(cfg.strategy)
+    if algorithm.aggregation == "class-means":  # per-class tables: one reply per client
+        inner, mean_based = ClassMeans(weighting=algorithm.settings.weighting, **EVERY_NODE), False
+    else:
+        inner, spec = build_flower_strategy(cfg.strategy)
+        mean_based = spec.mean_based
     plan = client_plan(cfg, data)
     initial = algorithm.initial_arrays()
-    strategy = GroupedClients(inner, plan, recorder, mean_based=spec.mean_based,
-                              shares_arrays=bool(initial), client_config=to_yaml(cfg))
+    shares = bool(initial) or algorithm.aggregation != "strategy"
+    strategy = GroupedClients(inner, plan, recorder, mean_based=mean_based,
+                              shares_arrays=shares, client_config=to_yaml(cfg))
     return strategy, initial, central_evaluator(cfg, data, algorithm, plan, recorder)

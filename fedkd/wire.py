@@ -77,7 +77,7 @@ class GroupReply:
         self.failed: dict[int, str] = {}
         self._sums: dict[str, Tensor] = {}
         self._dtypes: dict[str, torch.dtype] = {}
-        self._examples = 0
+        self._examples = 0.0
         self._metric_sums = {"loss": 0.0, "accuracy": 0.0}
 
     def add(self, outcome: ClientOutcome) -> None:
@@ -92,7 +92,7 @@ class GroupReply:
         if self.mode == "each":
             self.content[client_arrays_key(pid)] = ArrayRecord(outcome.arrays)
             return
-        n = int(outcome.metrics[NUM_EXAMPLES])
+        n = float(outcome.metrics[NUM_EXAMPLES])
         for key, tensor in outcome.arrays.items():
             self._dtypes.setdefault(key, tensor.dtype)
             if key in self._sums:

@@ -85,12 +85,16 @@ def strategy_options(section: dict[str, Any]) -> tuple[StrategySpec, dict[str, A
     return spec, options
 
 
+#: fedkd samples clients itself, so the wrapped Flower strategy addresses every node
+EVERY_NODE = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": 1,
+              "min_evaluate_nodes": 1, "min_available_nodes": 1}
+
+
 def build_flower_strategy(section: dict[str, Any]) -> tuple[Strategy, StrategySpec]:
     """The Flower strategy object; fedkd does the sampling, so Flower addresses every node."""
     spec, options = strategy_options(section)
     try:
-        strategy = spec.cls(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
-                            min_evaluate_nodes=1, min_available_nodes=1, **options)
+        strategy = spec.cls(**EVERY_NODE, **options)
     except (TypeError, ValueError) as exc:
         raise ConfigError("strategy", section, f"{spec.cls.__name__} rejected it: {exc}") from None
     return strategy, spec

@@ -1,0 +1,155 @@
+"""Methods that share per-class knowledge instead of weights: FedDistill (FD) and FedProto.
+
+The whole model is personal (client state); what travels is a per-class table: the
+mean logit vector (FedDistill, Jeong et al. 2018) or the mean feature vector, the
+prototype (FedProto, Tan et al., AAAI 2022), of the client's training samples of each
+class, recorded during local training as PFLlib does (`../shared/specs/local-kd.md`
+sections 4-5). Classes a client lacks are absent from its upload. The server combines
+each class over the clients that have it (`fedkd.strategies.class_means`, uniform by
+default) and every client regularizes toward the global table from the next round on.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fedkd.clients.base import (Arrays, ClientData, EvalResult, PartialSharing, RoundInfo,
+                                evaluate_model, train_epochs)
+from fedkd.config import setting
+from fedkd.kd import class_means, feature_distance, gather_class_rows, kd_loss, soft_cross_entropy
+from fedkd.models import FedModel
+from fedkd.strategies.class_means import decode_class_table, encode_class_table
+
+TABLE = "class-table"  # state key: the table recorded in the client's last training pass
+
+
+class ClassTableSharing(PartialSharing):
+    """Everything personal; uploads the per-class means of `record(...)` over the training pass."""
+
+    evaluates = "personalized"
+    aggregation = "class-means"
+
+    def is_personal(self, key: str) -> bool:
+        return True
+
+    def initial_arrays(self) -> Arrays:
+        return {}  # no global knowledge before the first round
+
+    def global_table(self, received: Arrays) -> tuple[Tensor, Tensor] | None:
+        """The server's (C, D) table and the mask of classes it has, on this client's device."""
+        decoded = decode_class_table(received, self.num_classes)
+        return None if decoded is None else tuple(t.to(self.device) for t in decoded)  # type: ignore[return-value]
+
+    @abstractmethod
+    def step(self, model: FedModel, x: Tensor, y: Tensor,
+             table: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(objective, logits, vectors to record per class) of one batch."""
+
+    def local_update(self, model: FedModel, state: dict[str, Any], data: ClientData,
+                     info: RoundInfo, anchor: Arrays) -> dict[str, float]:
+        table = self.global_table(anchor)
+        sums: list[Tensor] = []
+        counts = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
+
+        def objective(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            loss, logits, vectors = self.step(model, x, y, table)
+            means, n = class_means(vectors.detach(), y, self.num_classes)
+            sums.append(means * n.unsqueeze(-1))
+            counts.add_(n)
+            return loss, logits
+
+        metrics = train_epochs(model, data, self.cfg, info.generator(), objective=objective, state=state)
+        total = torch.stack(sums).sum(0) if sums else torch.zeros(self.num_classes, 1)
+        state[TABLE] = (total / counts.clamp(min=1).unsqueeze(-1), counts)
+        return metrics
+
+    def upload(self, model: FedModel, state: dict[str, Any]) -> Arrays:
+        means, counts = state.pop(TABLE)
+        return encode_class_table(means, counts)
+
+
+@dataclass
+class FedDistillSettings:
+    name: str = "feddistill"
+    lam: float = setting(1.0, min=0.0)  # weight of the distillation term (protocol: 1)
+    target: str = setting("pfllib", choices=("pfllib", "kl", "raw"))
+    temperature: float = setting(1.0, gt=0.0)  # only for target=kl
+    missing_class: str = setting("self", choices=("self", "skip"))  # PFLlib: the sample's own logits
+    weighting: str = setting("uniform", choices=("uniform", "count"))  # server, per class
+
+
+class FedDistillClient(ClassTableSharing):
+    """FD: CE + lam * distance to the global mean logits g_y of the sample's class.
+
+    `target: pfllib` is PFLlib's code (TsingZ0/PFLlib clientfd.py as stored at commit
+    3f5141b): soft cross-entropy to softmax(g_y). The spec read it as raw logits used as
+    "probabilities" (`raw`, kept for the record): that loss is unbounded below whenever g_y
+    has a negative entry and diverged to NaN within 3 rounds in our check. `kl` is the
+    textbook T^2 KL to softmax(g_y / T) (same gradient as `pfllib` at T = 1).
+    """
+
+    def step(self, model: FedModel, x: Tensor, y: Tensor,
+             table: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        s = self.settings
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        if table is not None and s.lam > 0:
+            rows, mask = gather_class_rows(*table, y, fallback=logits.detach())
+            keep = mask if s.missing_class == "skip" else None
+            if s.target == "kl":
+                per = kd_loss(logits, rows, s.temperature, reduction="none")
+                loss = loss + s.lam * (per if keep is None else per * keep).mean()
+            else:
+                targets = rows.softmax(-1) if s.target == "pfllib" else rows
+                loss = loss + s.lam * soft_cross_entropy(logits, targets, keep)
+        return loss, logits, logits
+
+
+@dataclass
+class FedProtoSettings:
+    name: str = "fedproto"
+    lam: float = setting(1.0, min=0.0)  # weight of the prototype distance (protocol: 1)
+    weighting: str = setting("uniform", choices=("uniform", "count"))  # PFLlib uniform; paper: count
+
+
+class FedProtoClient(ClassTableSharing):
+    """FedProto: CE + lam * MSE(feature, global prototype of its class); prediction = the
+    nearest global prototype (squared distance). Before any prototype exists a client
+    predicts with its head (PFLlib reports 0 there); the head's accuracy is logged beside."""
+
+    def step(self, model: FedModel, x: Tensor, y: Tensor,
+             table: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        features = model.features(x)
+        logits = model.head(features)
+        loss = nn.functional.cross_entropy(logits, y)
+        if table is not None and self.settings.lam > 0:
+            rows, mask = gather_class_rows(*table, y)
+            loss = loss + self.settings.lam * feature_distance(features, rows, mask)
+        return loss, logits, features
+
+    @torch.no_grad()
+    def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
+                 info: RoundInfo) -> EvalResult:
+        model = self.load(received, state).eval()
+        head = evaluate_model(model, data.x_test, data.y_test)
+        table = self.global_table(received)
+        if table is None:
+            head.metrics = {"head-accuracy": head.accuracy}
+            return head
+        correct = 0
+        for start in range(0, len(data.y_test), 1000):
+            predicted = self.predict(model, data.x_test[start:start + 1000], *table)
+            correct += int((predicted == data.y_test[start:start + 1000]).sum())
+        n = len(data.y_test)
+        return EvalResult(head.loss, correct / max(n, 1), n, {"head-accuracy": head.accuracy})
+
+    @staticmethod
+    def predict(model: FedModel, x: Tensor, protos: Tensor, present: Tensor) -> Tensor:
+        """The class of the nearest global prototype (mean squared distance); absent classes never."""
+        dist = (model.features(x).unsqueeze(1) - protos.unsqueeze(0)).pow(2).mean(-1)
+        return dist.masked_fill(~present, float("inf")).argmin(1)
