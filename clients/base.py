@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fedkd.config import FedkdConfig
-from fedkd.models import FedModel, build_model, under
+from fedkd.models import FedModel, build_model, client_model_name, under
 
 Arrays = dict[str, Tensor]
 
@@ -69,6 +69,8 @@ class ClientAlgorithm(ABC):
 
     #: which model a client evaluates: "global" or "personalized" (shown in the report)
     evaluates: str = "global"
+    #: whether clients may use different architectures for the models they keep (`model.per_client`)
+    heterogeneous: bool = False
     #: how the server combines what clients send: "strategy" (the Flower strategy named in
     #: `strategy.name`, over model tensors) or "class-means" (per-class tables, fedkd's own rule)
     aggregation: str = "strategy"
@@ -91,10 +93,15 @@ class ClientAlgorithm(ABC):
         """
         return None
 
-    def build_model(self) -> FedModel:
-        """The run's model with the run's seeded initialization (identical on server and clients)."""
-        return build_model(self.cfg.model.name, self.input_shape, self.num_classes,
+    def build_model(self, name: str | None = None) -> FedModel:
+        """Model `name` (default: the run's) with the run's seeded initialization, identical on
+        the server and every client."""
+        return build_model(name or self.cfg.model.name, self.input_shape, self.num_classes,
                            self.cfg.experiment.seed).to(self.device)
+
+    def model_name(self, partition_id: int) -> str:
+        """The architecture of this client's own model (`model.per_client`, else `model.name`)."""
+        return client_model_name(self.cfg.model.name, self.cfg.model.per_client, partition_id)
 
     @abstractmethod
     def initial_arrays(self) -> Arrays:
@@ -226,20 +233,70 @@ def train_epochs(model: nn.Module, data: ClientData, cfg: FedkdConfig, generator
 
 
 class PrivateModel:
-    """A second model that only ever lives in the client state (Ditto's personal model, FML's
-    local model, FedKD's mentor): loaded from `state[key]`, or the run's seeded initialization
-    before the client's first round; saved back after training."""
+    """A model that only ever lives in the client state (Ditto's personal model, FML's local
+    model, FedKD's mentor, a local/FedProto client's whole model): loaded from `state[key]`,
+    or the run's seeded initialization of its architecture before the client's first round;
+    saved back after training. One module per architecture is built lazily and reused, so
+    model-heterogeneous clients (`model.per_client`) run side by side in one process."""
 
-    def __init__(self, model: nn.Module, key: str) -> None:
-        self.model, self.key = model, key
-        self.init = {k: v.clone() for k, v in model.state_dict().items()}
+    def __init__(self, build: Callable[[str], nn.Module], key: str) -> None:
+        self.build, self.key = build, key
+        self._models: dict[str, nn.Module] = {}
+        self._inits: dict[str, dict[str, Tensor]] = {}
+        self._current: nn.Module | None = None
 
-    def load(self, state: dict[str, Any]) -> nn.Module:
-        self.model.load_state_dict(state.get(self.key) or self.init)
-        return self.model
+    def load(self, state: dict[str, Any], name: str) -> Any:
+        """This client's model of architecture `name` (returned as the FedModel it is)."""
+        if name not in self._models:
+            self._models[name] = self.build(name)
+            self._inits[name] = {k: v.clone() for k, v in self._models[name].state_dict().items()}
+        model = self._current = self._models[name]
+        model.load_state_dict(state.get(self.key) or self._inits[name])
+        return model
 
     def save(self, state: dict[str, Any]) -> None:
-        state[self.key] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """Store the model last loaded (after training it) in `state[key]`."""
+        assert self._current is not None, "load() before save()"
+        state[self.key] = {k: v.detach().clone() for k, v in self._current.state_dict().items()}
+
+
+class PersonalModelOnly(ClientAlgorithm):
+    """Clients whose whole model is their own (local training, FedDistill, FedProto): it lives
+    in `state["personal"]`, may differ in architecture per client, and never travels."""
+
+    evaluates = "personalized"
+    heterogeneous = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.personal = PrivateModel(self.build_model, "personal")
+
+    def initial_arrays(self) -> Arrays:
+        return {}
+
+    def own_model(self, state: dict[str, Any], info: RoundInfo) -> FedModel:
+        return self.personal.load(state, self.model_name(info.partition_id))
+
+    def train(self, received: Arrays, state: dict[str, Any], data: ClientData,
+              info: RoundInfo) -> TrainResult:
+        model = self.own_model(state, info)
+        metrics = self.local_update(model, received, state, data, info)
+        self.personal.save(state)
+        return TrainResult(self.upload(state), metrics, len(data.y_train),
+                           self.aggregation_weight(len(data.y_train)))
+
+    def local_update(self, model: FedModel, received: Arrays, state: dict[str, Any],
+                     data: ClientData, info: RoundInfo) -> dict[str, float]:
+        """`train.local_epochs` of plain cross-entropy training (methods add their terms)."""
+        return train_epochs(model, data, self.cfg, info.generator(), state=state)
+
+    def upload(self, state: dict[str, Any]) -> Arrays:
+        """What goes to the server after training (nothing, for local training)."""
+        return {}
+
+    def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
+                 info: RoundInfo) -> EvalResult:
+        return evaluate_model(self.own_model(state, info), data.x_test, data.y_test)
 
 
 class PartialSharing(ClientAlgorithm):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedkd.clients.base import (Arrays, ClientData, EvalResult, PartialSharing, RoundInfo,
+from fedkd.clients.base import (Arrays, ClientData, EvalResult, PersonalModelOnly, RoundInfo,
                                 evaluate_model, train_epochs)
 from fedkd.config import setting
 from fedkd.kd import class_means, feature_distance, gather_class_rows, kd_loss, soft_cross_entropy
@@ -28,17 +28,11 @@ from fedkd.strategies.class_means import decode_class_table, encode_class_table
 TABLE = "class-table"  # state key: the table recorded in the client's last training pass
 
 
-class ClassTableSharing(PartialSharing):
-    """Everything personal; uploads the per-class means of `record(...)` over the training pass."""
+class ClassTableSharing(PersonalModelOnly):
+    """Everything personal (any architecture per client); uploads the per-class means of the
+    vectors each `step` records over the training pass."""
 
-    evaluates = "personalized"
     aggregation = "class-means"
-
-    def is_personal(self, key: str) -> bool:
-        return True
-
-    def initial_arrays(self) -> Arrays:
-        return {}  # no global knowledge before the first round
 
     def global_table(self, received: Arrays) -> tuple[Tensor, Tensor] | None:
         """The server's (C, D) table and the mask of classes it has, on this client's device."""
@@ -50,9 +44,9 @@ class ClassTableSharing(PartialSharing):
              table: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         """(objective, logits, vectors to record per class) of one batch."""
 
-    def local_update(self, model: FedModel, state: dict[str, Any], data: ClientData,
-                     info: RoundInfo, anchor: Arrays) -> dict[str, float]:
-        table = self.global_table(anchor)
+    def local_update(self, model: FedModel, received: Arrays, state: dict[str, Any],
+                     data: ClientData, info: RoundInfo) -> dict[str, float]:
+        table = self.global_table(received)
         sums: list[Tensor] = []
         counts = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
 
@@ -68,8 +62,8 @@ class ClassTableSharing(PartialSharing):
         state[TABLE] = (total / counts.clamp(min=1).unsqueeze(-1), counts)
         return metrics
 
-    def upload(self, model: FedModel, state: dict[str, Any]) -> Arrays:
-        means, counts = state.pop(TABLE)
+    def upload(self, state: dict[str, Any]) -> Arrays:
+        means, counts = state.pop(TABLE)  # not kept: the next round records a fresh table
         return encode_class_table(means, counts)
 
 
@@ -135,7 +129,7 @@ class FedProtoClient(ClassTableSharing):
     @torch.no_grad()
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
-        model = self.load(received, state).eval()
+        model = self.own_model(state, info).eval()
         head = evaluate_model(model, data.x_test, data.y_test)
         table = self.global_table(received)
         if table is None:

@@ -35,11 +35,11 @@ class DittoClient(PartialSharing):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.personal = PrivateModel(self.build_model(), PERSONAL_MODEL)
+        self.personal = PrivateModel(self.build_model, PERSONAL_MODEL)
 
     def train(self, received: Arrays, state: dict[str, Any], data: ClientData,
               info: RoundInfo) -> TrainResult:
-        personal = self.personal.load(state)
+        personal = self.personal.load(state, self.cfg.model.name)
         pull = proximal_term(personal, received, self.settings.mu)
         # salt 1: the global phase keeps FedAvg's exact batch order (salt 0)
         personal_metrics = train_epochs(personal, data, self.cfg, info.generator(1),
@@ -52,7 +52,7 @@ class DittoClient(PartialSharing):
 
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
-        own = evaluate_model(self.personal.load(state), data.x_test, data.y_test)
+        own = evaluate_model(self.personal.load(state, self.cfg.model.name), data.x_test, data.y_test)
         shared = evaluate_model(self.load(received, state), data.x_test, data.y_test)
         own.metrics = {"global-accuracy": shared.accuracy, "global-loss": shared.loss}
         return own

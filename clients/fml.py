@@ -6,7 +6,8 @@ loss_meme = beta CE(z_m) + (1 - beta) KL(p_l || p_m), T = 1, nothing detached (t
 backward also moves each teacher), each model's gradient norm clipped at 10. The KL is
 `fedkd.kd.mutual_kd`; `kl_reduction: elementwise_mean` is PFLlib's (KL / C). Defaults
 alpha = beta = 0.5 (the paper; PFLlib's argparse pair 1.0/0.0 is reproducible by config).
-Only the meme model travels; the server averages memes uniformly (PFLlib) unless
+The local model may differ in architecture per client (`model.per_client`); the meme is
+`model.name` everywhere. Only the meme model travels; the server averages memes uniformly (PFLlib) unless
 `aggregation: examples`. Clients evaluate their local model; the meme's accuracy is logged beside it.
 """
 
@@ -40,14 +41,15 @@ class FMLClient(PartialSharing):
     """The shared model is the meme; the local model lives in `state["local-model"]`."""
 
     evaluates = "personalized"
+    heterogeneous = True  # the local model's architecture may differ per client; memes are shared
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.local = PrivateModel(self.build_model(), LOCAL_MODEL)
+        self.local = PrivateModel(self.build_model, LOCAL_MODEL)
 
     def local_update(self, model: FedModel, state: dict[str, Any], data: ClientData,
                      info: RoundInfo, anchor: Arrays) -> dict[str, float]:
-        s, local = self.settings, self.local.load(state)
+        s, local = self.settings, self.local.load(state, self.model_name(info.partition_id))
         pair = nn.ModuleDict({"local": local, "meme": model})
 
         def mutual(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -66,7 +68,8 @@ class FMLClient(PartialSharing):
 
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
-        own = evaluate_model(self.local.load(state), data.x_test, data.y_test)
+        own = evaluate_model(self.local.load(state, self.model_name(info.partition_id)),
+                             data.x_test, data.y_test)
         meme = evaluate_model(self.load(received, state), data.x_test, data.y_test)
         own.metrics = {"meme-accuracy": meme.accuracy}
         return own

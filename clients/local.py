@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedkd.clients.base import PartialSharing
+from fedkd.clients.base import PersonalModelOnly
 
 
 @dataclass
@@ -12,8 +12,5 @@ class LocalSettings:
     name: str = "local"
 
 
-class LocalClient(PartialSharing):
+class LocalClient(PersonalModelOnly):
     """The whole model is personal: it lives in the client state store between rounds."""
-
-    def is_personal(self, key: str) -> bool:
-        return True

@@ -84,6 +84,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "cnn"
+    #: model-heterogeneous runs: client k uses per_client[k % len(per_client)] for the models it
+    #: keeps to itself (methods that allow it: see `fedkd list`); shared models stay `name`
+    per_client: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -207,3 +207,14 @@ def check_prefixes(option: str, prefixes: list[str], model_name: str) -> None:
     for prefix in prefixes:
         if not any(under(k, [prefix]) for k in keys):
             raise ConfigError(option, prefix, f"no such module in {model_name}; {suggest(prefix, modules)}")
+
+
+def client_model_name(name: str, per_client: list[str] | tuple[str, ...], partition_id: int) -> str:
+    """The architecture of client `partition_id`'s own model: `per_client` cycled over partition
+    ids (client k gets per_client[k % len]), or the run's model when the list is empty."""
+    return per_client[partition_id % len(per_client)] if per_client else name
+
+
+def feature_dim(name: str) -> int:
+    """Size of model `name`'s feature vector (the same for any input shape)."""
+    return build_model(name, (3, 32, 32), 10, 0).feature_dim

@@ -19,6 +19,7 @@ from fedkd.clients.class_tables import (FedDistillClient, FedDistillSettings, Fe
                                         FedProtoSettings)
 from fedkd.clients.ditto import DittoClient, DittoSettings
 from fedkd.clients.fedavg import FedAvgClient, FedAvgSettings
+from fedkd.clients.fedkd_mentor import FedKDMentorClient, FedKDMentorSettings, check_settings
 from fedkd.clients.fedntd import FedNTDClient, FedNTDSettings
 from fedkd.clients.fml import FMLClient, FMLSettings
 from fedkd.clients.local import LocalClient, LocalSettings
@@ -26,7 +27,7 @@ from fedkd.clients.personalized import (FedBNClient, FedBNSettings, FedPerClient
                                         FedProxClient, FedProxSettings, FedRepClient,
                                         FedRepSettings, LGFedAvgClient, LGFedAvgSettings)
 from fedkd.config import CONFIG_DIR, ConfigError, FedkdConfig, check_choice, check_fields, suggest
-from fedkd.models import check_prefixes
+from fedkd.models import check_prefixes, feature_dim
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,25 @@ def _own_aggregation(cfg: FedkdConfig, settings: Any) -> None:
 
 register_method(MethodSpec("fedntd", FedNTDClient, FedNTDSettings,
                            "FedAvg + not-true distillation from the global model (beta, tau)"))
+register_method(MethodSpec("fedkd_mentor", FedKDMentorClient, FedKDMentorSettings,
+                           "FedKD: private mentor + shared mentee, adaptive mutual distillation, "
+                           "optional SVD compression", check_settings))
 register_method(MethodSpec("fml", FMLClient, FMLSettings,
                            "mutual learning of a private local model and a shared meme model"))
 register_method(MethodSpec("feddistill", FedDistillClient, FedDistillSettings,
                            "personal models; shares per-class mean logits (FD)", _own_aggregation))
+def _prototype_dims_match(cfg: FedkdConfig, settings: Any) -> None:
+    _own_aggregation(cfg, settings)
+    dims = {name: feature_dim(name) for name in cfg.model.per_client}
+    if len(set(dims.values())) > 1:
+        raise ConfigError("model.per_client", list(cfg.model.per_client),
+                          f"fedproto averages feature prototypes, so the models' feature sizes must "
+                          f"match; got {dims}")
+
+
 register_method(MethodSpec("fedproto", FedProtoClient, FedProtoSettings,
-                           "personal models; shares per-class feature prototypes", _own_aggregation))
+                           "personal models; shares per-class feature prototypes",
+                           _prototype_dims_match))
 
 
 def apply_section_defaults(user: DictConfig, overrides: DictConfig) -> DictConfig:
@@ -136,6 +150,21 @@ def check_method(cfg: FedkdConfig) -> None:
         spec.check(cfg, settings)
 
 
+def check_per_client_models(cfg: FedkdConfig) -> None:
+    """`model.per_client` names registry models and the method lets clients differ."""
+    from fedkd.models import MODELS
+
+    per_client = list(cfg.model.per_client)
+    for i, name in enumerate(per_client):
+        check_choice(f"model.per_client[{i}]", name, MODELS)
+    method = cfg.method.get("name", "fedavg")
+    if per_client and not METHODS[method].client.heterogeneous:
+        allowed = sorted(n for n, m in METHODS.items() if m.client.heterogeneous)
+        raise ConfigError("model.per_client", per_client,
+                          f"{method} shares model weights, so every client needs model.name; "
+                          f"methods that allow per-client models: {', '.join(allowed)}")
+
+
 def validate(cfg: FedkdConfig) -> None:
     """Every name and cross-section rule, before any simulation starts."""
     from fedkd.data import check_available
@@ -145,6 +174,7 @@ def validate(cfg: FedkdConfig) -> None:
     strategy_options(cfg.strategy)
     check_choice("model.name", cfg.model.name, MODELS)
     check_method(cfg)
+    check_per_client_models(cfg)
     check_available(cfg.data)
     for pid in cfg.faults.clients:
         if not 0 <= pid < cfg.data.num_clients:

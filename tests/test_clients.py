@@ -68,7 +68,7 @@ def test_local_method_shares_nothing_and_keeps_its_model_in_state() -> None:
     assert client.initial_arrays() == {}
     state: dict = {}
     result = client.train({}, state, tiny_data(), RoundInfo(0, 1, 0))
-    assert result.arrays == {} and set(state["personal"]) == set(client.model.state_dict())
+    assert result.arrays == {} and set(state["personal"]) == set(client.build_model().state_dict())
     first = {k: v.clone() for k, v in state["personal"].items()}
     client.train({}, state, tiny_data(), RoundInfo(0, 2, 0))
     assert any(not torch.equal(first[k], state["personal"][k]) for k in first)

@@ -110,7 +110,7 @@ def test_fml_with_alpha_and_beta_one_trains_meme_as_fedavg_and_evaluates_the_loc
     b = avg.train(avg.initial_arrays(), {}, data, RoundInfo(0, 1, 0))
     assert all(torch.allclose(meme.arrays[k], b.arrays[k], atol=1e-6) for k in b.arrays)
     result = fml.evaluate(meme.arrays, state, data, RoundInfo(0, 1, 0))
-    assert result.accuracy == evaluate_model(fml.local.load(state), data.x_test, data.y_test).accuracy
+    assert result.accuracy == evaluate_model(fml.local.load(state, "mlp"), data.x_test, data.y_test).accuracy
     assert "meme-accuracy" in result.metrics
 
 
@@ -157,7 +157,7 @@ def test_fedproto_predicts_the_nearest_global_prototype_and_never_an_absent_clas
     result = proto.evaluate(only_class_1, state, data, RoundInfo(0, 2, 0))
     assert result.accuracy == pytest.approx(float((data.y_test == 1).float().mean()))
     assert "head-accuracy" in result.metrics
-    model = proto.load({}, state).eval()
+    model = proto.own_model(state, RoundInfo(0, 2, 0)).eval()
     with torch.no_grad():
         feats = model.features(data.x_test[:2])
         protos = torch.stack([feats[1], feats[0], feats[0] + 100])
