@@ -12,7 +12,7 @@ import importlib.util
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -54,6 +54,24 @@ DATASETS: dict[str, str] = {
     "digits": "scikit-learn 8x8 digits, 1,797 images",
     "hf:<name>": "any Hugging Face dataset via flwr_datasets (needs network; pattern, not a key)",
 }
+
+@dataclass(frozen=True)
+class TaskDataset:
+    """A dataset for centralized methods (one client holds it all): time series, tabular anomaly
+    data, audio, multimodal pairs. Registered by the module that knows its format."""
+
+    description: str
+    files: tuple[str, ...]  # paths under the data dir, checked before any simulation starts
+    load: Callable[[Path, int], FederatedData]  # (data dir, seed) -> one client's split
+
+
+TASK_DATASETS: dict[str, TaskDataset] = {}
+
+
+def register_task_dataset(name: str, dataset: TaskDataset) -> None:
+    TASK_DATASETS[name] = dataset
+    DATASETS[name] = dataset.description
+
 
 # name -> (directory under the data dir, number of stored clients, whether "given" is meaningful)
 _PFLLIB: dict[str, tuple[str, int, bool]] = {
@@ -113,6 +131,8 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def check_available(cfg: DataConfig) -> None:
     """Cheap pre-flight check (names, combinations, files present) before any simulation starts."""
+    import fedkd.registry  # noqa: F401  (method modules register their task datasets on import)
+
     name, part = cfg.dataset, cfg.partitioner.name
     if name.startswith("hf:"):
         if len(name) <= 3:
@@ -121,7 +141,14 @@ def check_available(cfg: DataConfig) -> None:
             raise ConfigError("data.partitioner.name", part,
                               "hf datasets have no given partition; use iid, dirichlet, pathological or shard")
         return
-    check_choice("data.dataset", name, _NAMES + ["hf:<name>"])
+    if name in TASK_DATASETS:
+        if cfg.num_clients != 1:
+            raise ConfigError("data.num_clients", cfg.num_clients,
+                              f"{name!r} is a centralized dataset: one client holds it, use 1")
+        for rel in TASK_DATASETS[name].files:
+            _need(data_dir(cfg) / rel)
+        return
+    check_choice("data.dataset", name, _NAMES + list(TASK_DATASETS) + ["hf:<name>"])
     if part == "given":
         if name not in _PFLLIB or not _PFLLIB[name][2]:
             ok = ", ".join(n for n, v in _PFLLIB.items() if v[2])
@@ -166,6 +193,8 @@ def _load_cached(key: tuple[Any, ...]) -> FederatedData:
                      hf_image_key=img_key, hf_label_key=lbl_key)
     if name.startswith("hf:"):
         return _load_hf(cfg, seed)
+    if name in TASK_DATASETS:
+        return TASK_DATASETS[name].load(Path(root_s), seed)
     root, global_test = Path(root_s), None
     if name == "mnist5k":
         t = _read_csv_gz(_mnist5k_path(), 785)

@@ -99,18 +99,23 @@ def _cnn(name: str, input_shape: tuple[int, ...], num_classes: int) -> FedModel:
     return FedModel(features, nn.Linear(512, num_classes), 512, ("features.conv1", "features.conv2"))
 
 
+def mlp(input_shape: tuple[int, ...], hidden: tuple[int, ...], num_classes: int,
+        dropout: float = 0.0) -> FedModel:
+    """flatten -> (Linear, ReLU[, Dropout]) per hidden width -> head; any input shape."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    width = math.prod(input_shape)
+    for i, h in enumerate(hidden):
+        block = [nn.Linear(width, h), nn.ReLU(inplace=True)] + ([nn.Dropout(dropout)] if dropout else [])
+        layers[f"fc{i + 1}"] = nn.Sequential(*block)
+        width = h
+    return FedModel(nn.Sequential(layers), nn.Linear(width, num_classes), width, ())
+
+
 def _mlp(name: str, input_shape: tuple[int, ...], num_classes: int) -> FedModel:
     """FedAvg paper's 2NN; accepts any input shape (flattened)."""
     if not input_shape or min(input_shape) < 1:
         raise ConfigError("model.name", name, f"bad input_shape={tuple(input_shape)}")
-    features = nn.Sequential(
-        OrderedDict(
-            flatten=nn.Flatten(),
-            fc1=nn.Sequential(nn.Linear(math.prod(input_shape), 200), nn.ReLU(inplace=True)),
-            fc2=nn.Sequential(nn.Linear(200, 200), nn.ReLU(inplace=True)),
-        )
-    )
-    return FedModel(features, nn.Linear(200, num_classes), 200, ())
+    return mlp(tuple(input_shape), (200, 200), num_classes)
 
 
 class BasicBlock(nn.Module):

@@ -22,7 +22,9 @@ from fedkd.clients.fedavg import FedAvgClient, FedAvgSettings
 from fedkd.clients.fedkd_mentor import FedKDMentorClient, FedKDMentorSettings, check_settings
 from fedkd.clients.fedntd import FedNTDClient, FedNTDSettings
 from fedkd.clients.fml import FMLClient, FMLSettings
+from fedkd.clients.hinton_kd import HintonKDClient, KDSettings
 from fedkd.clients.local import LocalClient, LocalSettings
+from fedkd.clients.staged import StagedMethod
 from fedkd.clients.personalized import (FedBNClient, FedBNSettings, FedPerClient, FedPerSettings,
                                         FedProxClient, FedProxSettings, FedRepClient,
                                         FedRepSettings, LGFedAvgClient, LGFedAvgSettings)
@@ -78,6 +80,10 @@ register_method(MethodSpec("lgfedavg", LGFedAvgClient, LGFedAvgSettings,
                            "local representation, global head", _layers("global_layers")))
 register_method(MethodSpec("ditto", DittoClient, DittoSettings,
                            "FedAvg global model + personal model pulled toward it (method.mu)"))
+
+
+register_method(MethodSpec("kd", HintonKDClient, KDSettings,
+                           "centralized (1 client): Hinton KD, teacher then KD + baseline students"))
 
 
 def _own_aggregation(cfg: FedkdConfig, settings: Any) -> None:
@@ -148,6 +154,13 @@ def check_method(cfg: FedkdConfig) -> None:
     spec = METHODS[cfg.method.get("name", "fedavg")]
     if spec.check is not None:
         spec.check(cfg, settings)
+    if issubclass(spec.client, StagedMethod):
+        stages = spec.client.stages(settings)
+        total = sum(n for _, n in stages)
+        if cfg.train.rounds != total:
+            raise ConfigError("train.rounds", cfg.train.rounds,
+                              f"{spec.name} runs its stages {stages} in {total} rounds (one epoch "
+                              f"each); set train.rounds={total}")
 
 
 def check_per_client_models(cfg: FedkdConfig) -> None:

@@ -58,9 +58,12 @@ class ClientRuntime:
         """A client's split as tensors on the device (converted once per process)."""
         if pid not in self._tensors:
             split = self.data.clients[pid]
-            as_t = lambda a: torch.as_tensor(a).to(self.device)  # noqa: E731
-            self._tensors[pid] = ClientData(as_t(split.x_train), as_t(split.y_train).long(),
-                                            as_t(split.x_test), as_t(split.y_test).long())
+            def as_t(a: Any) -> torch.Tensor:  # labels -> int64; regression targets stay float
+                t = torch.as_tensor(a)
+                return (t if t.is_floating_point() else t.long()).to(self.device)
+
+            self._tensors[pid] = ClientData(as_t(split.x_train), as_t(split.y_train),
+                                            as_t(split.x_test), as_t(split.y_test))
         return self._tensors[pid]
 
     def _inject(self, pid: int, server_round: int, phase: str) -> None:
@@ -81,6 +84,8 @@ class ClientRuntime:
         try:
             self._inject(pid, server_round, phase)
             info = RoundInfo(pid, server_round, self.cfg.experiment.seed, server_config)
+            # global RNG too (dropout, noise): the same in a Ray worker and in a direct loop
+            torch.manual_seed(int(info.generator(salt=7 if phase == "train" else 8).initial_seed()))
             data = self.client_data(pid)
             on_device = {k: v.to(self.device) for k, v in received.items()}
             state = self.store.load(pid)

@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import (Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvg
                                      FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
 
 from fedkd.config import ConfigError, suggest
+from fedkd.strategies.passthrough import PassThrough
 
 #: Constructor arguments fedkd sets itself (sampling is fedkd's, by partition id and seed).
 MANAGED = {"fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
@@ -53,6 +54,8 @@ STRATEGIES: dict[str, StrategySpec] = {
     "krum": StrategySpec(Krum, "Krum: the update closest to its neighbours (Blanchard et al., 2017)",
                          False),
     "multikrum": StrategySpec(MultiKrum, "Multi-Krum: mean of the best-scored updates", False),
+    "passthrough": StrategySpec(PassThrough, "one client: its reply is the aggregate (centralized "
+                                "methods)", False),
     "bulyan": StrategySpec(Bulyan, "Bulyan: Krum selection then trimmed mean (El Mhamdi et al., 2018)",
                            False),
 }
