@@ -69,6 +69,9 @@ class ClientAlgorithm(ABC):
 
     #: which model a client evaluates: "global" or "personalized" (shown in the report)
     evaluates: str = "global"
+    #: what `EvalResult.accuracy` holds: a higher-is-better score (e.g. "auroc" for an anomaly
+    #: detector, "neg-mse" for a forecaster); reports name the headline after it
+    score: str = "accuracy"
     #: whether clients may use different architectures for the models they keep (`model.per_client`)
     heterogeneous: bool = False
     #: how the server combines what clients send: "strategy" (the Flower strategy named in

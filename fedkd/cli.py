@@ -28,7 +28,7 @@ def _print_result(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     console.print(client_table(run_dir))
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    console.print(f"last-round accuracy (example-weighted): [bold]{fmt(summary.get('accuracy'))}[/]"
+    console.print(f"last-round {summary.get('score', 'accuracy')} (example-weighted): [bold]{fmt(summary.get('accuracy'))}[/]"
                   f"  unweighted mean {fmt(summary.get('accuracy_unweighted'))}"
                   f"  std {fmt(summary.get('accuracy_std'))}"
                   f"  worst-10% {fmt(summary.get('accuracy_worst10'))}")

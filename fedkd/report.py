@@ -118,8 +118,11 @@ def summarize(run_dir: Path) -> dict:
     later = [s for rnd, s in sorted(round_secs.items()) if rnd >= 2] or list(round_secs.values())
     trained = [r for r in records if r["phase"] == "train" and r.get("status") == "ok"]
     last_evals = list(evals[last["round"]].values()) if last else []
-    # other accuracies a method logs beside its headline, e.g. Ditto's global model ("global_accuracy")
-    extra = sorted({k for r in last_evals for k in r if k.endswith("_accuracy")})
+    # what a method logs beside its headline (Ditto's "global_accuracy", KD's "baseline_accuracy")
+    standard = {"round", "phase", "partition_id", "status", "num_examples", "loss", "accuracy",
+                "seconds", "bytes_received", "bytes_sent", "worker_pid", "error"}
+    extra = sorted({k for r in last_evals for k, v in r.items()
+                    if k not in standard and isinstance(v, (int, float)) and not isinstance(v, bool)})
     return {
         "experiment": _get(cfg, "experiment.name"), "method": _get(cfg, "method.name"),
         "strategy": _get(cfg, "strategy.name"), "dataset": _get(cfg, "data.dataset"),
@@ -132,8 +135,8 @@ def summarize(run_dir: Path) -> dict:
         "accuracy_worst10": last.get("accuracy_worst10"), "clients_evaluated": last.get("clients"),
         "best_round": best.get("round"), "best_accuracy": best.get("accuracy"),
         "central_accuracy": central[-1]["accuracy"] if central else None,
-        **{k: round_stats([{**r, "accuracy": r[k]} for r in last_evals if r.get(k) is not None])["accuracy"]
-           for k in extra},
+        "extra_metrics": {k: round_stats([{**r, "accuracy": r[k]} for r in last_evals
+                                          if r.get(k) is not None])["accuracy"] for k in extra},
         "bytes_sent_per_client_round": (statistics.fmean(r.get("bytes_sent") or 0 for r in trained)
                                         if trained else None),
         "failures": len(failed),
@@ -141,6 +144,7 @@ def summarize(run_dir: Path) -> dict:
                             "error": error_line(r.get("error"))} for r in failed],
         "seconds_per_round": statistics.median(later) if later else None,
         "wall_seconds": run.get("wall_seconds"), "status": run.get("status", "unknown (no run.json)"),
+        "score": run.get("score", "accuracy"),
         "evaluated_model": run.get("evaluated_model"), "evaluated_when": run.get("evaluated_when"),
         "per_round": per_round,
         "central": [{"round": r["round"], "accuracy": r["accuracy"], "loss": r.get("loss")} for r in central],

@@ -91,11 +91,13 @@ def quiet_flower(enabled: bool) -> Iterator[None]:
 def write_run_info(run_dir: Path, cfg: FedkdConfig, status: str, wall: float | None) -> None:
     from fedkd.registry import METHODS
 
-    evaluates = METHODS[cfg.method["name"]].client.evaluates
+    client = METHODS[cfg.method["name"]].client
+    evaluates = client.evaluates
     when = ("after aggregation (global model)" if evaluates == "global"
             else "after the client's local training in that round (personal parts), "
                  "with the latest aggregated shared parts")
-    info = {"evaluated_model": evaluates, "evaluated_when": when, "wall_seconds": wall,
+    info = {"evaluated_model": evaluates, "evaluated_when": when, "score": client.score,
+            "wall_seconds": wall,
             "status": status}
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))
 
