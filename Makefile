@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedkd-installed
 export FEDKD_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install quickstart test test-fast bench-overhead bench-pfl
+.PHONY: install quickstart test test-fast bench-overhead bench-protocol
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,12 +28,6 @@ test-fast: $(STAMP)
 bench-overhead: $(STAMP)
 	$(PY) bench/overhead.py
 
-# Benchmark protocol tables for the pFL baselines (resumable: existing seed*.json are skipped).
-PFL := local,fedavg,fedprox,fedper,fedrep,lgfedavg,ditto
-bench-pfl: $(STAMP)
-	$(VENV)/bin/fedkd sweep configs/experiment/std-mnist.yaml method.name=$(PFL) --seeds 0 --out bench/results/std-mnist --quiet
-	$(VENV)/bin/fedkd sweep configs/experiment/std-mnist.yaml method.name=fedbn,fedavg model.name=cnn_bn --seeds 0 --out bench/results/std-mnist --quiet
-	$(VENV)/bin/fedkd sweep configs/experiment/std-fmnist.yaml method.name=$(PFL) --seeds 0 --out bench/results/std-fmnist --quiet
-	$(VENV)/bin/fedkd sweep configs/experiment/std-fmnist.yaml method.name=fedbn,fedavg model.name=cnn_bn --seeds 0 --out bench/results/std-fmnist --quiet
-	$(VENV)/bin/fedkd sweep configs/experiment/std-mnist.yaml method.name=$(PFL) --seeds 0,1,2 --out bench/results/std-mnist --quiet
-	$(VENV)/bin/fedkd sweep configs/experiment/std-mnist.yaml method.name=fedbn,fedavg model.name=cnn_bn --seeds 0,1,2 --out bench/results/std-mnist --quiet
+# Benchmark protocol tables for every method (resumable: existing seed*.json are skipped).
+bench-protocol: $(STAMP)
+	bench/protocol.sh

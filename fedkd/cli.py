@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -79,6 +80,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     plans = []
     for combo in grid:  # validate everything before the first simulation starts
         label = "-".join(o.partition("=")[2] for o in combo) or Path(args.config).stem
+        label += f"-{args.variant}" if args.variant else ""
         for seed in seeds:
             cfg = load_config(args.config, [*combo, f"experiment.seed={seed}"])
             plans.append((label, seed, cfg))
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", nargs="*", help="key=v1,v2 axes (and plain key=value overrides)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--out", default="runs/sweep", help="results: OUT/<label>/seed<k>.json")
+    p.add_argument("--variant", help="appended to every label, e.g. 'hetero' -> mhpflid-hetero")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("list", help="methods, strategies, models, datasets")
@@ -179,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedkd.data import DataError
 
     args = build_parser().parse_args(argv)
+    # `kill`/timeout send SIGTERM: exit through the context managers, so a sweep's Ray head
+    # and a run's report are cleaned up and written as on Ctrl-C
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return args.fn(args)
     except (ConfigError, DataError, UsageError) as exc:

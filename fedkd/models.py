@@ -21,6 +21,7 @@ from fedkd.config import ConfigError, suggest
 MODELS: dict[str, str] = {
     "cnn": "PFLlib FedAvgCNN: 2x(conv5x5+pool) -> fc 512 -> head (582,026 params on MNIST)",
     "cnn_bn": "the CNN with BatchNorm after each conv (for FedBN; FedBN on the plain CNN is FedAvg)",
+    "cnn_narrow": "the CNN at half width: 2x(conv5x5 16/32 + pool) -> fc 256 -> head (147,146 params)",
     "mlp": "FedAvg 2NN: flatten -> 200 -> 200 -> head",
     "resnet8": "CIFAR-style ResNet-8: BasicBlocks, widths 16/32/64, BatchNorm, global avg pool",
     "resnet10": "ResNet-10: ResNet-18 layout with 1 BasicBlock/stage, widths 64-512, BatchNorm",
@@ -71,7 +72,8 @@ def _cnn_out(size: int, pad: int) -> int:
 
 
 def _cnn(name: str, input_shape: tuple[int, ...], num_classes: int) -> FedModel:
-    """FedAvgCNN (`cnn_bn`: BatchNorm after each conv, before ReLU, as in FedBN's CNN).
+    """FedAvgCNN (`cnn_bn`: BatchNorm after each conv, before ReLU, as in FedBN's CNN;
+    `cnn_narrow`: half the channels, 16/32, and fc 256, a small client or messenger).
     Inputs too small for unpadded 5x5 convs (e.g. 8x8) get padding=2 ('same') so the net
     still runs; 28x28 and 32x32 keep PFLlib's exact unpadded layout."""
     c, h, w = _image_shape(name, input_shape)
@@ -81,7 +83,8 @@ def _cnn(name: str, input_shape: tuple[int, ...], num_classes: int) -> FedModel:
         raise ConfigError(
             "model.name", name, f"input {h}x{w} too small for the CNN (needs at least 4x4)"
         )
-    dim = 64 * oh * ow
+    c1, c2, fc = (16, 32, 256) if name == "cnn_narrow" else (32, 64, 512)
+    dim = c2 * oh * ow
 
     def conv(cin: int, cout: int) -> nn.Sequential:
         norm = [nn.BatchNorm2d(cout)] if name == "cnn_bn" else []
@@ -90,13 +93,13 @@ def _cnn(name: str, input_shape: tuple[int, ...], num_classes: int) -> FedModel:
 
     features = nn.Sequential(
         OrderedDict(
-            conv1=conv(c, 32),
-            conv2=conv(32, 64),
+            conv1=conv(c, c1),
+            conv2=conv(c1, c2),
             flatten=nn.Flatten(),
-            fc1=nn.Sequential(nn.Linear(dim, 512), nn.ReLU(inplace=True)),
+            fc1=nn.Sequential(nn.Linear(dim, fc), nn.ReLU(inplace=True)),
         )
     )
-    return FedModel(features, nn.Linear(512, num_classes), 512, ("features.conv1", "features.conv2"))
+    return FedModel(features, nn.Linear(fc, num_classes), fc, ("features.conv1", "features.conv2"))
 
 
 def mlp(input_shape: tuple[int, ...], hidden: tuple[int, ...], num_classes: int,
@@ -169,6 +172,7 @@ def _resnet(widths: tuple[int, ...]) -> Callable[[str, tuple[int, ...], int], Fe
 _BUILDERS: dict[str, Callable[[str, tuple[int, ...], int], FedModel]] = {
     "cnn": _cnn,
     "cnn_bn": _cnn,
+    "cnn_narrow": _cnn,
     "mlp": _mlp,
     "resnet8": _resnet((16, 32, 64)),
     "resnet10": _resnet((64, 128, 256, 512)),

@@ -24,6 +24,8 @@ from fedkd.clients.fedntd import FedNTDClient, FedNTDSettings
 from fedkd.clients.fml import FMLClient, FMLSettings
 from fedkd.clients.hinton_kd import HintonKDClient, KDSettings
 from fedkd.clients.local import LocalClient, LocalSettings
+from fedkd.clients.mhpflid import MHPFLIDClient, MHPFLIDSettings
+from fedkd.clients.mhpflid import check_settings as check_mhpflid
 from fedkd.clients.staged import StagedMethod
 from fedkd.clients.personalized import (FedBNClient, FedBNSettings, FedPerClient, FedPerSettings,
                                         FedProxClient, FedProxSettings, FedRepClient,
@@ -84,6 +86,12 @@ register_method(MethodSpec("ditto", DittoClient, DittoSettings,
 
 register_method(MethodSpec("kd", HintonKDClient, KDSettings,
                            "centralized (1 client): Hinton KD, teacher then KD + baseline students"))
+
+
+register_method(MethodSpec("mhpflid", MHPFLIDClient, MHPFLIDSettings,
+                           "MH-pFLID: private (heterogeneous) local model + receiver/transmitter; "
+                           "a small shared messenger learns by injection and distillation",
+                           check_mhpflid))
 
 
 def _own_aggregation(cfg: FedkdConfig, settings: Any) -> None:

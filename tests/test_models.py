@@ -9,7 +9,7 @@ from fedkd.config import ConfigError
 from fedkd.models import MODELS, FedModel, batchnorm_keys, build_model, check_prefixes
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]
-FEATURE_DIM = {"cnn": 512, "cnn_bn": 512, "mlp": 200, "resnet8": 64, "resnet10": 512}
+FEATURE_DIM = {"cnn": 512, "cnn_bn": 512, "cnn_narrow": 256, "mlp": 200, "resnet8": 64, "resnet10": 512}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
