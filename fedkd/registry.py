@@ -27,6 +27,14 @@ from fedkd.clients.local import LocalClient, LocalSettings
 from fedkd.clients.mhpflid import MHPFLIDClient, MHPFLIDSettings
 from fedkd.clients.mhpflid import check_settings as check_mhpflid
 from fedkd.clients.staged import StagedMethod
+from fedkd.clients.pse import PSEClient, PSESettings
+from fedkd.clients.pse import check_settings as check_pse
+from fedkd.clients.stkd import DESCRIPTION as STKD_DESCRIPTION
+from fedkd.clients.stkd import STKDClient, STKDSettings
+from fedkd.clients.stkd import check_settings as check_stkd
+from fedkd.clients.xtime import DESCRIPTION as XTIME_DESCRIPTION
+from fedkd.clients.xtime import XTimeClient, XTimeSettings
+from fedkd.clients.xtime import check_settings as check_xtime
 from fedkd.clients.personalized import (FedBNClient, FedBNSettings, FedPerClient, FedPerSettings,
                                         FedProxClient, FedProxSettings, FedRepClient,
                                         FedRepSettings, LGFedAvgClient, LGFedAvgSettings)
@@ -92,6 +100,13 @@ register_method(MethodSpec("mhpflid", MHPFLIDClient, MHPFLIDSettings,
                            "MH-pFLID: private (heterogeneous) local model + receiver/transmitter; "
                            "a small shared messenger learns by injection and distillation",
                            check_mhpflid))
+
+
+register_method(MethodSpec("pse", PSEClient, PSESettings,
+                           "PSE: FedAvg global copy + private local model excited channel-wise "
+                           "toward it, cross-model attention before the personal head", check_pse))
+register_method(MethodSpec("xtime", XTimeClient, XTimeSettings, XTIME_DESCRIPTION, check_xtime))
+register_method(MethodSpec("stkd", STKDClient, STKDSettings, STKD_DESCRIPTION, check_stkd))
 
 
 def _own_aggregation(cfg: FedkdConfig, settings: Any) -> None:

@@ -1,0 +1,417 @@
+"""stkd: unsupervised anomaly detection with self-training + knowledge distillation, centralized.
+
+Source: H. Liu, K. Li, X. Li, Y. Zhang, ICIP 2022 (abstract only); the algorithm below is
+`../shared/specs/centralized.md` section 3.2, every gap filled there or here is marked ASSUMED.
+
+Why each part:
+- Detector: MLP autoencoder d-64-16-64-d (ReLU, linear code; ASSUMED), encoder f, decoder g,
+  anomaly score s(x) = ||x - g(f(x))||^2 / d. Training labels are never read by the algorithm.
+- Self-training: the training set contains anomalies, so every `rescore_every` rounds the
+  whole training set is re-scored and the next purified set S excludes the top rho_j
+  fraction, rho_j = rho_max * min(1, j / J_ramp) after the j-th rescoring (round 1 trains on
+  everything). Exclusion is recomputed from scratch each time (samples may come back).
+- KD regularizer: anomalies that survive purification are countered by pulling the code
+  toward a teacher never trained on the noisy data: `teacher: init` (default) = the frozen
+  encoder at initialization; `teacher: warmup` = the frozen encoder of a copy trained for one
+  epoch on the 50% of samples with the lowest robust z-score distance (median/MAD).
+  L = mean_{x in S} [ s(x) + lambda_kd * ||f(x) - sg(f_T(x))||^2 ].
+- Variants `ae` (no exclusion, no KD), `st` (exclusion), `kd` (KD), `stkd` (both) train side
+  by side in one `train_epochs` call over an nn.ModuleDict: same init, same batches, disjoint
+  parameters (one Adam over all of them = one Adam per variant: Adam is elementwise).
+  The purified set is a per-sample mask inside the objective; the loop gives the objective
+  the batch's sample indices through an extra input column (the loop reports classification
+  metrics, so the objective returns dummy logits and the method reports its own metrics).
+
+A round is one epoch; one stage ("detect", `epochs`, default 30). Test metrics per variant:
+AUROC, AUPRC (average precision), F1@k (k = number of test anomalies); the headline
+(`EvalResult.accuracy`, `score = "auroc"`) is the stkd variant's AUROC.
+
+Contamination (spec 3.3) belongs to the data, but a dataset cannot see method settings, so
+the `contamination` setting is applied here, before the algorithm sees the data: training
+anomalies are subsampled (never duplicated, seeded by the run seed) to reach the rate; the test
+split is untouched; a rate above the split's natural rate is an error (the sweep skips it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import fedkd.taskdata.anomaly  # noqa: F401  (registers the adbench:* / odds:* datasets)
+from fedkd.clients.base import Arrays, ClientData, EvalResult, RoundInfo, train_epochs
+from fedkd.clients.staged import StagedMethod, Stages
+from fedkd.config import ConfigError, FedkdConfig, setting
+from fedkd.kd import feature_distance
+
+VARIANTS: tuple[str, ...] = ("ae", "st", "kd", "stkd")
+EXCLUDES: dict[str, bool] = {"ae": False, "st": True, "kd": False, "stkd": True}
+DISTILLS: dict[str, bool] = {"ae": False, "st": False, "kd": True, "stkd": True}
+DESCRIPTION = ("stkd: unsupervised anomaly detection, autoencoder with self-training (exclude top "
+               "scores) + KD toward a frozen init encoder; ae/st/kd/stkd side by side (centralized)")
+
+
+@dataclass
+class STKDSettings:
+    name: str = "stkd"
+    hidden: int = setting(64, min=1)  # ASSUMED: d-64-16-64-d
+    code_dim: int = setting(16, min=1)
+    lambda_kd: float = setting(0.1, min=0.0)  # ASSUMED (spec 3.2)
+    teacher: str = setting("init", choices=("init", "warmup"))  # ASSUMED: init = frozen initial encoder
+    warmup_fraction: float = setting(0.5, gt=0.0, max=1.0)  # teacher: warmup trains on this cleanest share
+    rescore_every: int = setting(5, min=1)  # rounds between rescorings (ASSUMED, spec 3.2)
+    ramp_rescorings: int = setting(3, min=1)  # J_ramp: rho reaches rho_max at the J_ramp-th rescoring
+    #: contamination estimate in [0, 1), or "oracle" (true train contamination; analysis only)
+    rho_max: float | str = 0.10
+    #: "natural" or a training anomaly rate in [0, 1) (spec sweep: 0.01 0.02 0.05 0.10 0.20)
+    contamination: float | str = "natural"
+    epochs: int = setting(30, min=1)  # rounds (= epochs) of the one stage
+
+
+def parse_rate(key: str, value: float | str, word: str) -> float | None:
+    """A rate in [0, 1) or the special `word` (-> None); ConfigError otherwise."""
+    if isinstance(value, str):
+        if value == word:
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(key, value, f"a rate in [0, 1) or {word!r}") from None
+    if not 0.0 <= float(value) < 1.0:
+        raise ConfigError(key, value, f"a rate in [0, 1) or {word!r}")
+    return float(value)
+
+
+def check_settings(cfg: FedkdConfig, settings: STKDSettings) -> None:
+    """Registry hook (MethodSpec.check): the two union-typed settings parse."""
+    parse_rate("method.rho_max", settings.rho_max, "oracle")
+    parse_rate("method.contamination", settings.contamination, "natural")
+
+
+# ---------------------------------------------------------------------------------------------
+# pure pieces: schedule, exclusion, contamination, metrics
+
+
+def rho_schedule(j: int, rho_max: float, ramp: int) -> float:
+    """rho_j = rho_max * min(1, j / J_ramp): j = rescorings so far (0 -> train on everything)."""
+    return rho_max * min(1.0, j / ramp)
+
+
+def num_excluded(rho: float, n: int) -> int:
+    """round(rho * n), halves rounded up (ASSUMED: Python's round would round halves to even)."""
+    return int(math.floor(rho * n + 0.5))
+
+
+def top_order(scores: np.ndarray) -> np.ndarray:
+    """Indices by decreasing score, ties broken by lower index first."""
+    scores = np.asarray(scores, np.float64)
+    return np.lexsort((np.arange(len(scores)), -scores))
+
+
+def exclusion_mask(scores: Tensor, rho: float) -> Tensor:
+    """Kept-mask (True = in the purified set): excludes the round(rho n) highest scores."""
+    order = top_order(scores.detach().cpu().numpy())
+    keep = torch.ones(len(order), dtype=torch.bool)
+    keep[torch.as_tensor(order[:num_excluded(rho, len(order))], dtype=torch.long)] = False
+    return keep.to(scores.device)
+
+
+def contaminate(y: np.ndarray, rate: float | None, seed: int) -> np.ndarray:
+    """Sorted indices of the training samples kept to reach anomaly `rate` (None = natural).
+
+    All normals stay; k = round(rate n_normal / (1 - rate)) anomalies are drawn without
+    replacement (seeded), so the achieved rate is within 1/n_train of the target. A rate above
+    the natural one would need duplicates: ValueError (the spec's sweep skips those).
+    """
+    if rate is None:
+        return np.arange(len(y))
+    y = np.asarray(y)
+    normal, anomalous = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+    k = int(math.floor(rate * len(normal) / (1.0 - rate) + 0.5))
+    if k > len(anomalous):
+        raise ValueError(f"contamination {rate} is above the training split's natural rate "
+                         f"{len(anomalous) / max(len(y), 1):.4f} ({len(anomalous)} anomalies): skip it")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x57CD]))
+    chosen = rng.choice(anomalous, size=k, replace=False)
+    return np.sort(np.concatenate([normal, chosen]))
+
+
+def robust_distance(x: Tensor) -> Tensor:
+    """||z|| with z = (x - median) / (1.4826 MAD) per feature (teacher: warmup's clean pick).
+
+    ASSUMED: a feature with MAD 0 (frequent in these tables) uses 1.2533 x mean absolute
+    deviation, and 1 if that is 0 too.
+    """
+    med = x.median(0).values
+    dev = (x - med).abs()
+    scale = 1.4826 * dev.median(0).values
+    fallback = 1.2533 * dev.mean(0)
+    scale = torch.where(scale > 0, scale, torch.where(fallback > 0, fallback, torch.ones_like(scale)))
+    return ((x - med) / scale).pow(2).sum(1).sqrt()
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve via the rank-sum (Mann-Whitney U); tied scores share their
+    mean rank (= half credit). NaN when a class is missing."""
+    s, y = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="stable")
+    sorted_s = s[order]
+    ranks = np.empty(len(s), np.float64)
+    start = 0
+    while start < len(s):  # average rank of each run of ties
+        end = start
+        while end + 1 < len(s) and sorted_s[end + 1] == sorted_s[start]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2.0 + 1.0
+        start = end + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AUPRC as sum_k (R_k - R_{k-1}) P_k over distinct thresholds (scikit-learn's definition)."""
+    s, y = np.asarray(scores, np.float64), np.asarray(labels).astype(np.float64)
+    n_pos = y.sum()
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # end of each tie group
+    tp = np.cumsum(y)[last]
+    precision, recall = tp / (last + 1), tp / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def f1_at_k(scores: np.ndarray, labels: np.ndarray) -> float:
+    """F1 when the k highest scores are flagged, k = number of anomalies (ties: lower index
+    first); precision = recall = F1 = hits / k."""
+    y = np.asarray(labels).astype(bool)
+    k = int(y.sum())
+    if k == 0:
+        return float("nan")
+    return float(y[top_order(scores)[:k]].sum() / k)
+
+
+# ---------------------------------------------------------------------------------------------
+# model and client
+
+
+class AutoEncoder(nn.Module):
+    """d-hidden-code-hidden-d MLP autoencoder, ReLU hidden layers, linear code and output."""
+
+    def __init__(self, dim: int, hidden: int, code: int) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, code))
+        self.decoder = nn.Sequential(nn.Linear(code, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def anomaly_score(model: AutoEncoder, x: Tensor) -> Tensor:
+    """s(x) = ||x - g(f(x))||^2 / d, per sample."""
+    return (x - model(x)).pow(2).mean(-1)
+
+
+@torch.no_grad()
+def score_all(model: AutoEncoder, x: Tensor, batch_size: int = 4096) -> Tensor:
+    model.eval()
+    out = torch.cat([anomaly_score(model, x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    model.train()
+    return out
+
+
+def _clone(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+class STKDClient(StagedMethod):
+    """The four variants, their purified-set masks and the frozen teacher, all in the client state.
+
+    State keys: `ae`, `st`, `kd`, `stkd` (autoencoders), `teacher` (encoder; written once in
+    round 1, never rewritten), `masks` ({st, stkd}: kept-masks over the training view),
+    `rescorings` (j), `rho` (the rho of the current masks), `optimizer-variants`.
+    """
+
+    score = "auroc"
+
+    @classmethod
+    def stages(cls, settings: STKDSettings) -> Stages:
+        return [("detect", settings.epochs)]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        s: STKDSettings = self.settings
+        self.rate = parse_rate("method.contamination", s.contamination, "natural")
+        self.rho_max = parse_rate("method.rho_max", s.rho_max, "oracle")
+        dim = int(np.prod(self.input_shape))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.experiment.seed)
+            ae = AutoEncoder(dim, s.hidden, s.code_dim)
+        self.nets = nn.ModuleDict({v: copy.deepcopy(ae) for v in VARIANTS}).to(self.device)
+        self.warmup = copy.deepcopy(ae).to(self.device)
+        self.teacher = copy.deepcopy(ae.encoder).to(self.device).requires_grad_(False).eval()
+        self._init = _clone(ae.state_dict())
+        self._init_encoder = _clone(ae.encoder.state_dict())
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def keep_indices(self, data: ClientData) -> Tensor:
+        """Training samples in use after contamination control; reads labels only when a rate is
+        set (data preparation, before the algorithm)."""
+        if self.rate is None:
+            return torch.arange(len(data.x_train), device=data.x_train.device)
+        y = data.y_train.detach().cpu().numpy()
+        keep = contaminate(y, self.rate, self.cfg.experiment.seed)
+        return torch.as_tensor(keep, dtype=torch.long, device=data.x_train.device)
+
+    def _rho_max(self, data: ClientData, keep: Tensor) -> float:
+        """rho_max, or with `rho_max: oracle` the true contamination (reads labels; analysis only)."""
+        if self.rho_max is not None:
+            return self.rho_max
+        return float(data.y_train[keep].float().mean())
+
+    # -- models -------------------------------------------------------------------------------
+
+    def _load(self, name: str, state: dict[str, Any]) -> AutoEncoder:
+        model = self.nets[name]
+        model.load_state_dict(state.get(name) or self._init)
+        return model  # type: ignore[return-value]
+
+    def _masked_objective(self, models: dict[str, AutoEncoder], masks: dict[str, Tensor],
+                          lambdas: dict[str, float], sums: dict[str, list[Tensor]]) -> Any:
+        """The step of every model in `models`: its masked mean of s(x) (+ lambda KD). Input rows
+        carry their sample index in the last column; dummy logits go back to the loop."""
+        code_dim = self.settings.code_dim
+        teacher = self.teacher
+
+        def objective(xi: Tensor, _: Tensor) -> tuple[Tensor, Tensor]:
+            idx, x = xi[:, -1].long(), xi[:, :-1]
+            code_t = None
+            if any(lam > 0 for lam in lambdas.values()):
+                with torch.no_grad():
+                    code_t = teacher(x)
+            total: Tensor | float = 0.0
+            for v, model in models.items():
+                m = masks[v][idx].to(x.dtype)
+                code = model.encoder(x)
+                recon = (x - model.decoder(code)).pow(2).mean(-1)
+                per = recon
+                if lambdas[v] > 0:
+                    assert code_t is not None
+                    # ||f(x) - sg(f_T(x))||^2 (feature_distance is the per-dim mean: x code_dim)
+                    dist = feature_distance(code, code_t, reduction="none") * code_dim
+                    per = recon + lambdas[v] * dist
+                loss = (per * m).sum() / m.sum().clamp(min=1.0)
+                total = total + loss
+                with torch.no_grad():
+                    acc = sums[v]
+                    acc[0] += (per * m).sum()
+                    acc[1] += (recon * m).sum()
+                    acc[2] += m.sum()
+            assert isinstance(total, Tensor)
+            return total, x.new_zeros(len(x), 2)
+
+        return objective
+
+    def _indexed(self, x: Tensor) -> ClientData:
+        """The training view for `train_epochs`: x plus an index column, dummy labels (the loop
+        never sees a training label)."""
+        if len(x) >= 2 ** 24:
+            raise ValueError("sample indices must be exact in float32 (< 2^24 samples)")
+        idx = torch.arange(len(x), dtype=x.dtype, device=x.device).unsqueeze(1)
+        zeros = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        return ClientData(torch.cat([x, idx], 1), zeros, x[:0], zeros[:0])
+
+    def _teacher(self, state: dict[str, Any], x: Tensor, info: RoundInfo) -> nn.Module:
+        """The frozen teacher encoder: from the state, or made once (init copy / warmup epoch)."""
+        if "teacher" not in state:
+            if self.settings.teacher == "init":
+                state["teacher"] = _clone(self._init_encoder)
+            else:
+                self.warmup.load_state_dict(self._init)
+                keep = exclusion_mask(robust_distance(x), 1.0 - self.settings.warmup_fraction)
+                sums = {"warmup": [torch.zeros((), device=x.device) for _ in range(3)]}
+                objective = self._masked_objective({"warmup": self.warmup}, {"warmup": keep},
+                                                   {"warmup": 0.0}, sums)
+                # own generator salt: the variants' batch order does not depend on this option
+                train_epochs(nn.ModuleDict({"warmup": self.warmup}), self._indexed(x), self.cfg,
+                             info.generator(salt=1), epochs=1, objective=objective)
+                state["teacher"] = _clone(self.warmup.encoder.state_dict())
+        self.teacher.load_state_dict(state["teacher"])
+        return self.teacher.eval().requires_grad_(False)
+
+    # -- rounds -------------------------------------------------------------------------------
+
+    def train_stage(self, stage: str, state: dict[str, Any], data: ClientData,
+                    info: RoundInfo) -> tuple[dict[str, float], Arrays]:
+        s: STKDSettings = self.settings
+        keep = self.keep_indices(data)
+        x = data.x_train[keep]
+        n = len(x)
+        self._teacher(state, x, info)
+        everything = torch.ones(n, dtype=torch.bool, device=x.device)
+        kept = state.get("masks") or {}
+        masks = {v: kept[v].to(x.device) if EXCLUDES[v] and v in kept else everything
+                 for v in VARIANTS}
+        lambdas = {v: s.lambda_kd if DISTILLS[v] else 0.0 for v in VARIANTS}
+        models = {v: self._load(v, state) for v in VARIANTS}
+        sums = {v: [torch.zeros((), device=x.device) for _ in range(3)] for v in VARIANTS}
+        objective = self._masked_objective(models, masks, lambdas, sums)
+        train_epochs(self.nets, self._indexed(x), self.cfg, info.generator(), epochs=1,
+                     objective=objective, state=state, optimizer_key="optimizer-variants")
+        for v in VARIANTS:
+            state[v] = _clone(self.nets[v].state_dict())
+
+        metrics: dict[str, float] = {}
+        for v in VARIANTS:
+            loss_sum, recon_sum, count = (float(t) for t in sums[v])
+            metrics[f"{v}-loss"] = loss_sum / max(count, 1.0)
+            metrics[f"{v}-recon"] = recon_sum / max(count, 1.0)
+        metrics["rho"] = float(state.get("rho", 0.0))  # the rho of the sets this round trained on
+        metrics["purified"] = float(masks["stkd"].sum())
+        total_rounds = sum(r for _, r in self.stages(s))
+        if info.server_round % s.rescore_every == 0 and info.server_round < total_rounds:
+            j = int(state.get("rescorings", 0)) + 1
+            rho = rho_schedule(j, self._rho_max(data, keep), s.ramp_rescorings)
+            state["masks"] = {v: exclusion_mask(score_all(models[v], x), rho)
+                              for v in VARIANTS if EXCLUDES[v]}
+            state["rescorings"], state["rho"] = j, rho
+        metrics["rescorings"] = float(state.get("rescorings", 0))
+        # no labels in training: "loss" is the stkd objective, "accuracy" (higher is better) its
+        # negated reconstruction score on the purified set
+        metrics["loss"], metrics["accuracy"] = metrics["stkd-loss"], -metrics["stkd-recon"]
+        return metrics, _clone(self.nets["stkd"].state_dict())
+
+    @torch.no_grad()
+    def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
+                 info: RoundInfo) -> EvalResult:
+        y_test = data.y_test.detach().cpu().numpy()
+        metrics: dict[str, float] = {}
+        mean_score = 0.0
+        for v in VARIANTS:
+            scores = score_all(self._load(v, state), data.x_test)
+            s_np = scores.cpu().numpy()
+            metrics[f"{v}-auroc"] = auroc(s_np, y_test)
+            metrics[f"{v}-auprc"] = average_precision(s_np, y_test)
+            metrics[f"{v}-f1"] = f1_at_k(s_np, y_test)
+            if v == "stkd":
+                mean_score = float(scores.mean())
+        # diagnostics from the hidden training labels (reporting only, never fed back)
+        keep = self.keep_indices(data)
+        y_view = data.y_train[keep]
+        metrics["train-contamination"] = float(y_view.float().mean())
+        metrics["rescorings"] = float(state.get("rescorings", 0))
+        metrics["rho"] = float(state.get("rho", 0.0))
+        for v, mask in (state.get("masks") or {}).items():
+            excluded = ~mask.to(y_view.device)
+            if bool(excluded.any()):
+                metrics[f"{v}-excluded-precision"] = float(y_view[excluded].float().mean())
+        return EvalResult(mean_score, metrics["stkd-auroc"], len(y_test), metrics)
