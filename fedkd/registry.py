@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fedkd.clients.base import ClientAlgorithm
+from fedkd.clients.betakd import BetaKDClient, BetaKDSettings
+from fedkd.clients.betakd import check_settings as check_betakd
 from fedkd.clients.class_tables import (FedDistillClient, FedDistillSettings, FedProtoClient,
                                         FedProtoSettings)
 from fedkd.clients.ditto import DittoClient, DittoSettings
@@ -106,6 +108,10 @@ register_method(MethodSpec("pse", PSEClient, PSESettings,
                            "PSE: FedAvg global copy + private local model excited channel-wise "
                            "toward it, cross-model attention before the personal head", check_pse))
 register_method(MethodSpec("xtime", XTimeClient, XTimeSettings, XTIME_DESCRIPTION, check_xtime))
+register_method(MethodSpec("betakd", BetaKDClient, BetaKDSettings,
+                           "centralized (1 client): Beta-KD, teachers then CE/logit-KD/feature-KD "
+                           "weighted by learned uncertainty (equal, task, instance side by side)",
+                           check_betakd))
 register_method(MethodSpec("stkd", STKDClient, STKDSettings, STKD_DESCRIPTION, check_stkd))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -14,6 +15,17 @@ if SHARED_DATA.is_dir():
 needs_shared_data = pytest.mark.skipif(
     not Path(os.environ.get("FEDKD_DATA_DIR", "data")).joinpath("pfllib-mnist-dir0.1").is_dir(),
     reason="benchmark data dir (FEDKD_DATA_DIR) not present")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tests use tiny models: one thread avoids start-up cost and fighting other jobs; restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

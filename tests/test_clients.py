@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing as mp
 from pathlib import Path
 
-import pytest
 import torch
 
 from fedkd.clients.base import ClientData, RoundInfo

@@ -6,7 +6,6 @@ The adaptive weight (distillation / (CE_t + CE_s)) is covered by tests/test_kd.p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,14 +20,6 @@ from fedkd.config import ConfigError
 from fedkd.models import build_model
 from tests.test_clients import config, tiny_data
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: thread start-up dominates (and competes with other jobs); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def client(**settings: Any) -> FedKDMentorClient:

@@ -4,7 +4,6 @@ plain example-weighted mean stands in for it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,14 +20,6 @@ from tests.test_clients import config, tiny_data
 
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: thread start-up dominates (and competes with other jobs); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def client(per_client: list[str], messenger: str = "mlp", **settings: Any) -> MHPFLIDClient:

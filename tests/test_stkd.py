@@ -5,7 +5,6 @@ cardio file only where the contamination control and the loader need it."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +14,17 @@ import torch
 from torch import Tensor
 
 from fedkd.clients.base import ClientData, RoundInfo
-from fedkd.clients.stkd import (DESCRIPTION, VARIANTS, STKDClient, STKDSettings, auroc,
-                                average_precision, check_settings, contaminate, exclusion_mask,
+from fedkd.clients.stkd import (VARIANTS, STKDClient, STKDSettings, auroc,
+                                average_precision, contaminate, exclusion_mask,
                                 f1_at_k, num_excluded, rho_schedule, score_all)
 from fedkd.config import ConfigError, FedkdConfig, data_dir, load_config
 from fedkd.data import TASK_DATASETS
-from fedkd.registry import METHODS, MethodSpec, register_method
 from fedkd.taskdata.anomaly import (ADBENCH_FILES, DEFAULT_SUITE, ODDS_FILES, make_split)
 
 CPU = torch.device("cpu")
 EXPERIMENT = Path(__file__).resolve().parents[1] / "configs" / "experiment" / "stkd-cardio.yaml"
 
-if "stkd" not in METHODS:  # the lead registers it in fedkd.registry; tests must not depend on that
-    register_method(MethodSpec("stkd", STKDClient, STKDSettings, DESCRIPTION, check_settings))
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: thread start-up dominates (and competes with other jobs); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def config(*overrides: str) -> FedkdConfig:

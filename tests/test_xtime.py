@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,11 +16,10 @@ import torch
 from fedkd import registry
 from fedkd.clients.base import ClientData, RoundInfo
 from fedkd.clients.staged import stage_of
-from fedkd.clients.xtime import (DESCRIPTION, FROZEN, XTimeClient, XTimeSettings, check_settings,
+from fedkd.clients.xtime import (FROZEN, XTimeClient, XTimeSettings,
                                  forecast_metrics, fuse, haar1, rare_weights, weighted_mse)
 from fedkd.config import ConfigError, FedkdConfig, data_dir, load_config
 from fedkd.data import load_federated
-from fedkd.registry import MethodSpec, register_method
 from fedkd.taskdata.ett import (COLUMNS, LAST_RAW, OT_MEAN, OT_STD, SPLIT, SPLIT_TEST, SPLIT_TRAIN,
                                 SPLIT_VAL, TARGET, TARGET_INDEX, TARGET_RAW, TRAIN_END, VAL_END, VOL,
                                 change_volatility, make_windows, rarity_levels, rarity_scores,
@@ -32,16 +31,7 @@ CPU = torch.device("cpu")
 QUANTILES = (0.90, 0.95, 0.99)
 TINY = ("method.expert_epochs=1", "method.router_epochs=1", "train.rounds=5")
 
-if "xtime" not in registry.METHODS:  # the method is registered by fedkd.registry once wired in
-    register_method(MethodSpec("xtime", XTimeClient, XTimeSettings, DESCRIPTION, check_settings))
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def config(*overrides: str) -> FedkdConfig:

@@ -1,0 +1,569 @@
+"""Beta-KD (Sun et al., "Uncertainty-Aware Knowledge Distillation for Multimodal Large Language
+Models", CVPR 2026, arXiv:2603.21426) as a one-client staged method (`shared/specs/centralized.md`
+section 5).
+
+Why: a student learns from three signals (data CE, logit KD, feature KD) whose reliability varies
+per task and per sample. Beta-KD reads teacher supervision as a Gibbs prior exp(-beta * l) over the
+student's activations; the Laplace-approximated objective beta * l - (d/2) log beta is, in the
+log-variance parameterization s = -log beta of the official code, `0.5 exp(-s) L + 0.5 s` per
+channel: the precision exp(-s) becomes a learned, uncertainty-aware weight whose optimum is 1 / L
+(large loss -> small weight).
+
+Stages (a round is an epoch):
+- `teachers` (`teacher_epochs`, default 8): image CNN, audio CNN and a multimodal teacher (its own
+  copies of both encoders, concatenated -> MLP 256-128-10; its 128-d penultimate vector is h_t),
+  trained together with CE on the (noisy) training pairs.
+- `students` (`student_epochs`, default 20): the variants in `variants` train side by side from the
+  frozen teachers, with identical init and batch order (one `train_epochs` call over a ModuleDict):
+  `ce_only` (no teacher), `equal` (plain sum of CE, KD, FD), `task` (one learned s per channel),
+  `instance` (an MLP on the detached h_t predicts s(x) per sample). With `teachers` set (the spec's
+  marked multi-teacher extension, ASSUMED, not in the source) the variants `mt-equal`, `mt-task` and
+  `mt-instance` train too, with channels CE plus one KD channel per listed teacher.
+
+Inputs are the packed AV-MNIST vectors of `fedkd.taskdata.avmnist` (784 image pixels, then 40 x 25
+log-mel values); every model splits them itself. The evaluation reads the three stacked test sets
+(clean, audio-corrupted, image-corrupted) and reports every variant and teacher on each.
+
+ASSUMED choices: the headline variant (setting `headline`, default `task`); the instance weight
+MLP's last layer starts at zero so s(x) = 0 at init, the spec's "s init 0" (setting
+`instance_zero_init`); the multi-teacher extension as a whole (setting `teachers`), whose weight
+MLP reads the concatenated detached penultimate features of the listed teachers. Implementation
+details (not choices of substance): the raw task log-variances are clamped in place before every
+step as well as in the forward pass, so they cannot drift beyond the clamp where it has no
+gradient; teacher outputs are computed once and cached (teachers are frozen). From the official
+code: the scale of `exp(-s) L + s` is 0.5 in task mode and 1 in instance mode (`MODE_SCALE`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fedkd.taskdata.avmnist  # noqa: F401  (registers the "avmnist" dataset)
+from fedkd.clients.base import Arrays, ClientData, EvalResult, RoundInfo, train_epochs
+from fedkd.clients.staged import StagedMethod, Stages, stage_of
+from fedkd.config import ConfigError, FedkdConfig, data_dir, setting
+from fedkd.kd import feature_distance, kd_loss
+from fedkd.models import FedModel
+from fedkd.taskdata.avmnist import (AUDIO_BANDS, AUDIO_DIM, AUDIO_FRAMES, IMAGE_DIM, INPUT_DIM,
+                                    load_avmnist, split_test)
+
+WeightMode = Literal["equal", "task", "instance"]
+
+SINGLE_VARIANTS = ("ce_only", "equal", "task", "instance")
+MULTI_VARIANTS = ("mt-equal", "mt-task", "mt-instance")
+TEACHERS = ("image", "audio", "multimodal")
+TEACHER_FEATURE_DIM = 128
+#: scale of `exp(-s) L + s` per mode, as in the official code (task: Kendall's 0.5; instance: 1)
+MODE_SCALE: dict[str, float] = {"task": 0.5, "instance": 1.0}
+
+
+# --------------------------------------------------------------------------- weighting (pure)
+
+def clamp_log_vars(log_vars: Tensor, bound: float = 5.0) -> Tensor:
+    """s clamped to [-bound, bound] (official code: 5), so no weight explodes or vanishes."""
+    return log_vars.clamp(-bound, bound)
+
+
+def equal_weighting(losses: Tensor) -> Tensor:
+    """Plain sum over channels (last dim), mean over samples: the `equal` baseline."""
+    return losses.sum(dim=-1).mean() if losses.ndim > 1 else losses.sum()
+
+
+def uncertainty_weighting(losses: Tensor, log_vars: Tensor, scale: float = 0.5) -> Tensor:
+    """scale * sum_i (exp(-s_i) L_i + s_i), mean over samples.
+
+    The log-variance form of the Gibbs-prior objective beta * l - (d/2) log beta (beta = exp(-s)).
+    `losses` is (K,) or (B, K); `log_vars` is (K,) (task mode, broadcast over samples) or (B, K)
+    (instance mode). Minimizing over s gives s* = log L, i.e. weight exp(-s*) = 1 / L.
+    """
+    per = scale * (torch.exp(-log_vars) * losses + log_vars)
+    return per.sum(dim=-1).mean() if per.ndim > 1 else per.sum()
+
+
+def normalized_weights(log_vars: Tensor) -> Tensor:
+    """w_i = exp(-s_i) / sum_j exp(-s_j) over the last dim: comparable weights that sum to 1."""
+    return torch.softmax(-log_vars, dim=-1)
+
+
+def combine_channels(mode: WeightMode, losses: Tensor, log_vars: Tensor | None = None,
+                     bound: float = 5.0) -> Tensor:
+    """One scalar objective from per-channel losses under `mode` (equal / task / instance)."""
+    if mode == "equal":
+        return equal_weighting(losses)
+    if log_vars is None:
+        raise ValueError(f"mode {mode!r} needs log_vars")
+    return uncertainty_weighting(losses, clamp_log_vars(log_vars, bound), MODE_SCALE[mode])
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass
+class BetaKDSettings:
+    name: str = "betakd"
+    teacher_epochs: int = setting(8, min=1)
+    student_epochs: int = setting(20, min=1)
+    temperature: float = setting(2.0, gt=0.0)  # official code's KD default
+    #: side-by-side single-teacher variants (subset of ce_only, equal, task, instance)
+    variants: list[str] = field(default_factory=lambda: list(SINGLE_VARIANTS))
+    #: the variant whose clean-test accuracy is the run's headline (ASSUMED: task)
+    headline: str = "task"
+    #: instance mode: true per-sample channel losses, or the code's batch means broadcast per sample
+    instance_losses: str = setting("per_sample", choices=["per_sample", "batch_mean"])
+    weight_lr: float = setting(1e-2, gt=0.0)  # own Adam group for s / the weight MLP
+    clamp: float = setting(5.0, gt=0.0)  # |s| <= clamp
+    instance_hidden: int = setting(128, min=1)  # weight MLP: feature_dim -> hidden -> channels
+    instance_zero_init: bool = True  # ASSUMED: last layer zero, so s(x) = 0 at init ("s init 0")
+    student_hidden: int = setting(32, min=1)  # per-modality MLP width (concat = 2x)
+    #: multi-teacher extension (ASSUMED, project addition): [] = off; e.g. [image, audio, multimodal]
+    teachers: list[str] = field(default_factory=list)
+    #: which multi-teacher variants to train when `teachers` is set
+    multi_variants: list[str] = field(default_factory=lambda: list(MULTI_VARIANTS))
+
+
+def check_settings(cfg: FedkdConfig, settings: BetaKDSettings) -> None:
+    """List-valued settings against their allowed names (the `setting` metadata checks scalars)."""
+    for key, values, allowed in (("variants", settings.variants, SINGLE_VARIANTS),
+                                 ("teachers", settings.teachers, TEACHERS),
+                                 ("multi_variants", settings.multi_variants, MULTI_VARIANTS)):
+        bad = [v for v in values if v not in allowed]
+        if bad or len(set(values)) != len(values):
+            raise ConfigError(f"method.{key}", list(values),
+                              f"distinct names from {', '.join(allowed)}")
+    if not settings.variants and not (settings.teachers and settings.multi_variants):
+        raise ConfigError("method.variants", list(settings.variants), "train at least one variant")
+    enabled = active_variants(settings)
+    if settings.headline not in enabled:
+        raise ConfigError("method.headline", settings.headline,
+                          f"one of the trained variants: {', '.join(enabled)}")
+
+
+def active_variants(settings: BetaKDSettings) -> list[str]:
+    """The variants a run trains, in a fixed order (single-teacher first)."""
+    multi = [v for v in MULTI_VARIANTS if v in settings.multi_variants] if settings.teachers else []
+    return [v for v in SINGLE_VARIANTS if v in settings.variants] + multi
+
+
+# --------------------------------------------------------------------------- models
+
+def split_modalities(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Packed (B, 1784) -> image (B, 784) and audio (B, 1000) (layout: fedkd.taskdata.avmnist)."""
+    return x[:, :IMAGE_DIM], x[:, IMAGE_DIM:INPUT_DIM]
+
+
+class ImageEncoder(nn.Module):
+    """Image CNN: conv 32-64 (3x3, ReLU, 2x2 max-pool), FC 128 (spec 5.2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, TEACHER_FEATURE_DIM), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(split_modalities(x)[0].reshape(-1, 1, 28, 28))
+
+
+class AudioEncoder(nn.Module):
+    """Audio CNN on the pooled 40 x 25 log-mel: conv 32-64, FC 128 (spec 5.2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        h, w = AUDIO_BANDS // 4, AUDIO_FRAMES // 4
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * h * w, TEACHER_FEATURE_DIM), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(split_modalities(x)[1].reshape(-1, 1, AUDIO_BANDS, AUDIO_FRAMES))
+
+
+class Fused(nn.Module):
+    """Both encoders (own weights), concatenated -> 256 -> 128 (the multimodal teacher's h_t)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image, self.audio = ImageEncoder(), AudioEncoder()
+        self.fuse = nn.Sequential(nn.Linear(2 * TEACHER_FEATURE_DIM, TEACHER_FEATURE_DIM), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fuse(torch.cat([self.image(x), self.audio(x)], dim=-1))
+
+
+class StudentFeatures(nn.Module):
+    """Image MLP 784-h and audio MLP 1000-h, concatenated (h_s, 2h = 64 by default)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.image = nn.Sequential(nn.Linear(IMAGE_DIM, hidden), nn.ReLU())
+        self.audio = nn.Sequential(nn.Linear(AUDIO_DIM, hidden), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        image, audio = split_modalities(x)
+        return torch.cat([self.image(image), self.audio(audio)], dim=-1)
+
+
+def build_teacher(kind: str, num_classes: int) -> FedModel:
+    """Teacher `kind` as features (-> 128-d) + linear head, so h_t = model.features(x)."""
+    features: nn.Module = {"image": ImageEncoder, "audio": AudioEncoder, "multimodal": Fused}[kind]()
+    return FedModel(features, nn.Linear(TEACHER_FEATURE_DIM, num_classes), TEACHER_FEATURE_DIM)
+
+
+def build_student(hidden: int, num_classes: int) -> FedModel:
+    """The ~60k-parameter two-branch MLP student."""
+    return FedModel(StudentFeatures(hidden), nn.Linear(2 * hidden, num_classes), 2 * hidden)
+
+
+# --------------------------------------------------------------------------- variants
+
+#: teacher name -> (logits (B, C), penultimate features (B, 128))
+TeacherOutputs = dict[str, tuple[Tensor, Tensor]]
+
+
+class VariantOutput(NamedTuple):
+    loss: Tensor  # the variant's scalar objective
+    logits: Tensor  # student logits (B, C)
+    losses: Tensor  # per-sample channel losses (B, K), detached
+    log_vars: Tensor | None  # clamped s: (K,) task, (B, K) instance, None otherwise (detached)
+
+
+class Variant(nn.Module):
+    """One side-by-side student: its model, projector and weight parameters, and its channels.
+
+    Channels: `ce_only` -> (ce); single-teacher modes -> (ce, kd, fd) against the multimodal
+    teacher; `mt-*` -> (ce, kd-<teacher> for each listed teacher). Teacher outputs are detached
+    here, whatever the caller passes, so no gradient can reach a teacher.
+    """
+
+    def __init__(self, name: str, student: FedModel, projector: nn.Module | None,
+                 teachers: tuple[str, ...], num_classes: int, settings: BetaKDSettings) -> None:
+        super().__init__()
+        self.variant = name
+        base = name.removeprefix("mt-")
+        self.mode: str = "equal" if base == "ce_only" else base
+        self.multi = name.startswith("mt-")
+        self.teachers = teachers if self.multi else ("multimodal",)
+        if name == "ce_only":
+            self.channels: tuple[str, ...] = ("ce",)
+        elif self.multi:
+            self.channels = ("ce",) + tuple(f"kd-{t}" for t in teachers)
+        else:
+            self.channels = ("ce", "kd", "fd")
+        self.temperature, self.bound = settings.temperature, settings.clamp
+        self.batch_mean = settings.instance_losses == "batch_mean"
+        self.student = student
+        if "fd" in self.channels:
+            assert projector is not None
+            self.projector = projector
+        k = len(self.channels)
+        if self.mode == "task":
+            self.log_vars = nn.Parameter(torch.zeros(k))
+        elif self.mode == "instance":
+            last = nn.Linear(settings.instance_hidden, k)
+            if settings.instance_zero_init:
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
+            self.weighter = nn.Sequential(
+                nn.Linear(TEACHER_FEATURE_DIM * len(self.teachers), settings.instance_hidden),
+                nn.ReLU(), last)
+
+    def weight_prefixes(self) -> list[str]:
+        """Parameter names (under this module) that take the weight learning rate."""
+        return {"task": ["log_vars"], "instance": ["weighter"]}.get(self.mode, [])
+
+    def instance_log_vars(self, teacher: TeacherOutputs) -> Tensor:
+        """s(x) from the DETACHED teacher features, clamped (B, K)."""
+        feats = torch.cat([teacher[t][1].detach() for t in self.teachers], dim=-1)
+        return clamp_log_vars(self.weighter(feats), self.bound)
+
+    def forward(self, x: Tensor, y: Tensor, teacher: TeacherOutputs) -> VariantOutput:
+        h_s = self.student.features(x)
+        z_s = self.student.head(h_s)
+        cols = [F.cross_entropy(z_s, y, reduction="none")]
+        if self.variant != "ce_only":
+            for t in self.teachers:
+                cols.append(kd_loss(z_s, teacher[t][0].detach(), self.temperature, reduction="none"))
+            if "fd" in self.channels:
+                h_t = teacher["multimodal"][1].detach()
+                cols.append(feature_distance(self.projector(h_s), h_t, reduction="none"))
+        losses = torch.stack(cols, dim=-1)  # (B, K)
+        log_vars: Tensor | None = None
+        if self.mode == "equal":
+            loss = combine_channels("equal", losses)
+        elif self.mode == "task":
+            with torch.no_grad():  # keep the raw parameter inside the clamp (where it has gradient)
+                self.log_vars.clamp_(-self.bound, self.bound)
+            log_vars = clamp_log_vars(self.log_vars, self.bound)
+            loss = combine_channels("task", losses, log_vars, self.bound)
+        else:
+            log_vars = self.instance_log_vars(teacher)
+            used = losses.mean(dim=0, keepdim=True).expand_as(losses) if self.batch_mean else losses
+            loss = combine_channels("instance", used, log_vars, self.bound)
+        return VariantOutput(loss, z_s, losses.detach(),
+                             None if log_vars is None else log_vars.detach())
+
+
+def teacher_fingerprint(teachers: nn.Module) -> tuple[float, ...]:
+    """Cheap identity of the teachers' weights (they are frozen after their stage)."""
+    return tuple(float(v.double().sum()) for v in teachers.state_dict().values())
+
+
+def accuracy_nll(logits: Tensor, y: Tensor) -> tuple[float, float]:
+    return float((logits.argmax(-1) == y).float().mean()), float(F.cross_entropy(logits, y))
+
+
+# --------------------------------------------------------------------------- client
+
+class BetaKDClient(StagedMethod):
+    """Teachers, then Beta-KD student variants side by side; all models kept in the client state."""
+
+    @classmethod
+    def stages(cls, settings: BetaKDSettings) -> Stages:
+        return [("teachers", settings.teacher_epochs), ("students", settings.student_epochs)]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        s: BetaKDSettings = self.settings
+        check_settings(self.cfg, s)
+        if tuple(self.input_shape) != (INPUT_DIM,):
+            raise ConfigError("data.dataset", self.cfg.data.dataset,
+                              f"betakd needs packed AV-MNIST inputs ({INPUT_DIM},), "
+                              f"got {tuple(self.input_shape)}; use data.dataset=avmnist")
+        seed, k = self.cfg.experiment.seed, self.num_classes
+        self.variant_names = active_variants(s)
+        self.multi_teachers = tuple(t for t in TEACHERS if t in s.teachers)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            teachers = nn.ModuleDict({t: build_teacher(t, k) for t in TEACHERS})
+            torch.manual_seed(seed + 1)
+            student = build_student(s.student_hidden, k)
+            projector = nn.Linear(2 * s.student_hidden, TEACHER_FEATURE_DIM)
+            variants: dict[str, Variant] = {}
+            for name in self.variant_names:
+                torch.manual_seed(seed + 2)  # the same weight-network init for every instance variant
+                variants[name] = Variant(name, copy.deepcopy(student), copy.deepcopy(projector),
+                                         self.multi_teachers, k, s)
+        self.teachers = teachers.to(self.device)
+        self.variants = nn.ModuleDict(variants).to(self.device)
+        self._init = {"teachers": copy.deepcopy(self.teachers.state_dict()),
+                      **{f"variant-{n}": copy.deepcopy(v.state_dict()) for n, v in variants.items()}}
+        self._cache: dict[tuple[Any, ...], TeacherOutputs] = {}
+
+    # -- state -------------------------------------------------------------------------------
+    def _load_teachers(self, state: dict[str, Any]) -> nn.ModuleDict:
+        self.teachers.load_state_dict(state.get("teachers") or self._init["teachers"])
+        return self.teachers
+
+    def _load_variants(self, state: dict[str, Any]) -> nn.ModuleDict:
+        for name, v in self.variants.items():
+            v.load_state_dict(state.get(f"variant-{name}") or self._init[f"variant-{name}"])
+        return self.variants
+
+    @staticmethod
+    def _snapshot(module: nn.Module) -> Arrays:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    # -- teacher outputs -----------------------------------------------------------------------
+    @torch.no_grad()
+    def teacher_outputs(self, x: Tensor, batch_size: int = 500) -> TeacherOutputs:
+        """Frozen teachers' (logits, features) on `x`, cached per (tensor, teacher weights).
+
+        Teachers are fixed after their stage and deterministic in eval mode, so a student round
+        reuses the outputs of the round before (saves ~all of the student stage's CPU time).
+        """
+        key = (x.data_ptr(), tuple(x.shape), float(x.sum()), teacher_fingerprint(self.teachers))
+        if key not in self._cache:
+            self.teachers.eval()
+            out: dict[str, tuple[list[Tensor], list[Tensor]]] = {t: ([], []) for t in TEACHERS}
+            for start in range(0, len(x), batch_size):
+                xb = x[start:start + batch_size]
+                for t, model in self.teachers.items():
+                    h = model.features(xb)
+                    out[t][0].append(model.head(h))
+                    out[t][1].append(h)
+            if len(self._cache) >= 4:
+                self._cache.clear()
+            self._cache[key] = {t: (torch.cat(z), torch.cat(h)) for t, (z, h) in out.items()}
+        return self._cache[key]
+
+    @staticmethod
+    def pack(x: Tensor, teacher: TeacherOutputs) -> Tensor:
+        """Inputs with the teacher outputs appended as columns: `train_epochs` then slices
+        them with the same batch indices (its batch order depends only on n and the seed)."""
+        return torch.cat([x] + [a for t in TEACHERS for a in teacher[t]], dim=-1)
+
+    def unpack(self, packed: Tensor) -> tuple[Tensor, TeacherOutputs]:
+        x, rest = packed[:, :INPUT_DIM], packed[:, INPUT_DIM:]
+        teacher: TeacherOutputs = {}
+        for t in TEACHERS:
+            z, h, rest = (rest[:, :self.num_classes],
+                          rest[:, self.num_classes:self.num_classes + TEACHER_FEATURE_DIM],
+                          rest[:, self.num_classes + TEACHER_FEATURE_DIM:])
+            teacher[t] = (z, h)
+        return x, teacher
+
+    # -- training ------------------------------------------------------------------------------
+    def train_stage(self, stage: str, state: dict[str, Any], data: ClientData,
+                    info: RoundInfo) -> tuple[dict[str, float], Arrays]:
+        if stage == "teachers":
+            return self._train_teachers(state, data, info)
+        return self._train_students(state, data, info)
+
+    def _train_teachers(self, state: dict[str, Any], data: ClientData,
+                        info: RoundInfo) -> tuple[dict[str, float], Arrays]:
+        teachers = self._load_teachers(state)
+        ce_sums = {t: 0.0 for t in TEACHERS}
+
+        def objective(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            logits = {t: m(x) for t, m in teachers.items()}
+            losses = {t: F.cross_entropy(z, y) for t, z in logits.items()}
+            for t, value in losses.items():
+                ce_sums[t] += value.item() * len(y)
+            return sum(losses.values()), logits["multimodal"]  # type: ignore[return-value]
+
+        metrics = train_epochs(teachers, data, self.cfg, info.generator(), epochs=1,
+                               objective=objective, state=state, optimizer_key="optimizer-teachers")
+        n = max(len(data.y_train), 1)
+        metrics.update({f"teacher-{t}-loss": v / n for t, v in ce_sums.items()})
+        state["teachers"] = self._snapshot(teachers)
+        return metrics, dict(state["teachers"])
+
+    def student_objective(self, logs: dict[str, list[Tensor]]) -> Any:
+        """The side-by-side step: every variant's loss summed (disjoint parameters, so each
+        variant gets exactly its own gradient); reports the headline variant's logits. Channel
+        losses and s of each variant are appended to `logs` for the round's metrics."""
+        headline = self.settings.headline
+
+        def objective(packed: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            x, teacher = self.unpack(packed)
+            total: Tensor | None = None
+            logits = None
+            for name, variant in self.variants.items():
+                out = variant(x, y, teacher)
+                total = out.loss if total is None else total + out.loss
+                logs.setdefault(f"{name}/losses", []).append(out.losses.mean(0))
+                if out.log_vars is not None:
+                    s = out.log_vars if out.log_vars.ndim == 2 else out.log_vars.unsqueeze(0)
+                    logs.setdefault(f"{name}/s", []).append(s.mean(0))
+                    logs.setdefault(f"{name}/w", []).append(normalized_weights(s).mean(0))
+                if name == headline:
+                    logits = out.logits
+            assert total is not None and logits is not None
+            return total, logits
+
+        return objective
+
+    def _train_students(self, state: dict[str, Any], data: ClientData,
+                        info: RoundInfo) -> tuple[dict[str, float], Arrays]:
+        self._load_teachers(state)  # frozen: only ever run under no_grad (teacher_outputs)
+        packed = self.pack(data.x_train, self.teacher_outputs(data.x_train))
+        variants = self._load_variants(state)
+        lr = {f"{n}.{p}": self.settings.weight_lr for n, v in variants.items()
+              for p in v.weight_prefixes()}
+        logs: dict[str, list[Tensor]] = {}
+        train = ClientData(packed, data.y_train, data.x_test, data.y_test)
+        metrics = train_epochs(variants, train, self.cfg, info.generator(), epochs=1,
+                               objective=self.student_objective(logs), lr=lr, state=state,
+                               optimizer_key="optimizer-students")
+        metrics.update(self._round_logs(logs))
+        metrics.update(self._instance_split(data))
+        for name, v in variants.items():
+            state[f"variant-{name}"] = self._snapshot(v)
+        return metrics, dict(state[f"variant-{self.settings.headline}"])
+
+    def _round_logs(self, logs: dict[str, list[Tensor]]) -> dict[str, float]:
+        """Per variant and channel: mean loss, mean s and mean normalized weight of the round."""
+        out: dict[str, float] = {}
+        for key, values in logs.items():
+            name, what = key.split("/")
+            channels = self.variants[name].channels
+            mean = torch.stack(values).mean(0)
+            label = {"losses": "loss", "s": "s", "w": "weight"}[what]
+            out.update({f"{name}-{label}-{c}": float(v) for c, v in zip(channels, mean)})
+        for name, v in self.variants.items():
+            if v.multi and v.mode != "equal" and f"{name}/s" in logs:
+                s = torch.stack(logs[f"{name}/s"]).mean(0)[1:]  # teacher channels only
+                out.update({f"{name}-teacher-weight-{t}": float(w)
+                            for t, w in zip(v.teachers, normalized_weights(s))})
+        return out
+
+    @torch.no_grad()
+    def _instance_split(self, data: ClientData) -> dict[str, float]:
+        """Instance variants' mean normalized weights on corrupted vs clean training pairs (after
+        the round), when the run's data is AV-MNIST and its corruption mask is known."""
+        names = [n for n, v in self.variants.items() if v.mode == "instance"]
+        mask = self._train_corruption_mask(len(data.y_train))
+        if not names or mask is None:
+            return {}
+        teacher = self.teacher_outputs(data.x_train)
+        out: dict[str, float] = {}
+        for name in names:
+            v: Variant = self.variants[name]  # type: ignore[assignment]
+            w = normalized_weights(v.instance_log_vars(teacher))
+            for part, rows in (("corrupted", mask), ("clean", ~mask)):
+                if rows.any():
+                    out.update({f"{name}-weight-{c}-train-{part}": float(x)
+                                for c, x in zip(v.channels, w[rows].mean(0))})
+        return out
+
+    def _train_corruption_mask(self, n: int) -> Tensor | None:
+        if self.cfg.data.dataset != "avmnist":
+            return None
+        try:
+            mask = load_avmnist(data_dir(self.cfg.data), self.cfg.experiment.seed).train_audio_noise
+        except Exception:  # diagnostic only: never fail a round for it
+            return None
+        return torch.as_tensor(mask, device=self.device) if len(mask) == n else None
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
+                 info: RoundInfo) -> EvalResult:
+        """Teachers (and, in the student stage, every variant) on each test set; headline: the
+        multimodal teacher in the teacher stage, then the `headline` variant, on clean pairs."""
+        _, stage = stage_of(self.stages(self.settings), info.server_round)
+        self._load_teachers(state).eval()  # teacher_outputs reads the loaded teachers
+        sets = split_test(data.x_test, data.y_test)
+        extra: dict[str, float] = {}
+        head: dict[str, tuple[float, float]] = {}
+        variants = self._load_variants(state).eval() if stage != "teachers" else None
+        for test_name, (x, y) in sets.items():
+            teacher = self.teacher_outputs(x)
+            for t in TEACHERS:
+                acc, nll = accuracy_nll(teacher[t][0], y)
+                extra[f"teacher-{t}-accuracy-{test_name}"] = acc
+                extra[f"teacher-{t}-nll-{test_name}"] = nll
+                head[f"teacher-{t}-{test_name}"] = (acc, nll)
+            if variants is None:
+                continue
+            for name, v in variants.items():
+                logits = v.student(x)
+                acc, nll = accuracy_nll(logits, y)
+                extra[f"{name}-accuracy-{test_name}"] = acc
+                extra[f"{name}-nll-{test_name}"] = nll
+                head[f"{name}-{test_name}"] = (acc, nll)
+                if v.mode == "instance":
+                    w = normalized_weights(v.instance_log_vars(teacher)).mean(0)
+                    extra.update({f"{name}-weight-{c}-{test_name}": float(a)
+                                  for c, a in zip(v.channels, w)})
+        if variants is not None:
+            for name, v in variants.items():
+                if v.mode == "task":
+                    s = clamp_log_vars(v.log_vars, v.bound)
+                    extra.update({f"{name}-s-{c}": float(a) for c, a in zip(v.channels, s)})
+                    extra.update({f"{name}-weight-{c}": float(a)
+                                  for c, a in zip(v.channels, normalized_weights(s))})
+                    if v.multi:
+                        extra.update({f"{name}-teacher-weight-{t}": float(a)
+                                      for t, a in zip(v.teachers, normalized_weights(s[1:]))})
+        key = "teacher-multimodal" if stage == "teachers" else self.settings.headline
+        acc, nll = head[f"{key}-clean"]
+        return EvalResult(nll, acc, len(sets["clean"][1]), extra)
+
