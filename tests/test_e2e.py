@@ -77,29 +77,48 @@ def test_robust_strategy_aggregates_per_client_updates(tmp_path: Path, ray_addre
     assert json.loads((run_dir / "summary.json").read_text())["accuracy"] > 0.3
 
 
-def test_one_client_simulation_equals_the_direct_loop(tmp_path: Path, ray_address: str) -> None:
-    """The degenerate case: Flower + Ray with one client == the client algorithm in a plain loop."""
+#: experiment -> tiny overrides (2-5 rounds) for the one-client reduction test of each method
+CENTRALIZED = {
+    "kd-mnist5k": ["method.teacher_epochs=2", "method.student_epochs=1", "train.rounds=3"],
+    "stkd-cardio": ["method.epochs=3", "method.rescore_every=1", "train.rounds=3"],
+    "xtime-etth1": ["method.expert_epochs=1", "method.router_epochs=1", "train.rounds=5"],
+}
+
+
+def _same_tensors(a: object, b: object) -> bool:
     import torch
 
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tensors(a[k], b[k]) for k in a)
+    return True  # scalars and bookkeeping are compared through the metrics
+
+
+@pytest.mark.parametrize("experiment", sorted(CENTRALIZED))
+def test_one_client_simulation_equals_the_direct_loop(tmp_path: Path, ray_address: str,
+                                                      experiment: str) -> None:
+    """The degenerate case: Flower + Ray with one client == the client algorithm in a plain loop
+    (same seed, same torch threads): identical per-round metrics and final client state."""
     from fedkd.direct import run_direct
     from fedkd.state import ClientStateStore
 
-    overrides = ["method.teacher_epochs=2", "method.student_epochs=1", "train.rounds=3",
-                 "evaluation.every=1", "device.threads_per_client=1"]
-    cfg = load_config(ROOT / "configs/experiment/kd-mnist5k.yaml",
-                      [*overrides, f"simulation.ray_address={ray_address}"])
+    path = ROOT / "configs" / "experiment" / f"{experiment}.yaml"
+    overrides = [*CENTRALIZED[experiment], "evaluation.every=1", "device.threads_per_client=1"]
+    cfg = load_config(path, [*overrides, f"simulation.ray_address={ray_address}"])
     run_dir = run_experiment(cfg, tmp_path / "flower", quiet=True)
-    direct = run_direct(load_config(ROOT / "configs/experiment/kd-mnist5k.yaml", overrides),
-                        tmp_path / "direct")
+    direct = run_direct(load_config(path, overrides), tmp_path / "direct")
     simulated = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                  if r["phase"] in ("train", "evaluate")]
     assert [(r["round"], r["phase"]) for r in simulated] == [(r["round"], r["phase"]) for r in direct]
-    keys = ("loss", "accuracy", "student_accuracy", "baseline_accuracy", "teacher_accuracy", "stage")
+    skip = {"seconds", "worker-pid", "bytes-received", "bytes-sent"}
     for sim, ref in zip(simulated, direct):
-        for key in keys:
-            if key in sim:
-                assert sim[key] == pytest.approx(ref[key.replace("_", "-")], abs=1e-6), (key, sim)
-    a = ClientStateStore(run_dir / "state").load(0)
-    b = ClientStateStore(tmp_path / "direct").load(0)
-    for name in ("teacher", "student", "baseline"):
-        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name])
+        assert sim["status"] == "ok"
+        for key, value in ref.items():
+            if key not in skip and isinstance(value, (int, float)):
+                got = sim[key.replace("-", "_")]
+                assert got == pytest.approx(value, abs=1e-6, nan_ok=True), (key, sim["round"])
+    flower_state = ClientStateStore(run_dir / "state").load(0)
+    direct_state = ClientStateStore(tmp_path / "direct").load(0)
+    assert flower_state.keys() == direct_state.keys()
+    assert _same_tensors(flower_state, direct_state)
