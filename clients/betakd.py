@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,59 +48,16 @@ import fedkd.taskdata.avmnist  # noqa: F401  (registers the "avmnist" dataset)
 from fedkd.clients.base import Arrays, ClientData, EvalResult, RoundInfo, train_epochs
 from fedkd.clients.staged import StagedMethod, Stages, stage_of
 from fedkd.config import ConfigError, FedkdConfig, data_dir, setting
-from fedkd.kd import feature_distance, kd_loss
+from fedkd.kd import (clamp_log_vars, combine_channels, feature_distance, kd_loss,
+                      normalized_weights)
 from fedkd.models import FedModel
 from fedkd.taskdata.avmnist import (AUDIO_BANDS, AUDIO_DIM, AUDIO_FRAMES, IMAGE_DIM, INPUT_DIM,
                                     load_avmnist, split_test)
-
-WeightMode = Literal["equal", "task", "instance"]
 
 SINGLE_VARIANTS = ("ce_only", "equal", "task", "instance")
 MULTI_VARIANTS = ("mt-equal", "mt-task", "mt-instance")
 TEACHERS = ("image", "audio", "multimodal")
 TEACHER_FEATURE_DIM = 128
-#: scale of `exp(-s) L + s` per mode, as in the official code (task: Kendall's 0.5; instance: 1)
-MODE_SCALE: dict[str, float] = {"task": 0.5, "instance": 1.0}
-
-
-# --------------------------------------------------------------------------- weighting (pure)
-
-def clamp_log_vars(log_vars: Tensor, bound: float = 5.0) -> Tensor:
-    """s clamped to [-bound, bound] (official code: 5), so no weight explodes or vanishes."""
-    return log_vars.clamp(-bound, bound)
-
-
-def equal_weighting(losses: Tensor) -> Tensor:
-    """Plain sum over channels (last dim), mean over samples: the `equal` baseline."""
-    return losses.sum(dim=-1).mean() if losses.ndim > 1 else losses.sum()
-
-
-def uncertainty_weighting(losses: Tensor, log_vars: Tensor, scale: float = 0.5) -> Tensor:
-    """scale * sum_i (exp(-s_i) L_i + s_i), mean over samples.
-
-    The log-variance form of the Gibbs-prior objective beta * l - (d/2) log beta (beta = exp(-s)).
-    `losses` is (K,) or (B, K); `log_vars` is (K,) (task mode, broadcast over samples) or (B, K)
-    (instance mode). Minimizing over s gives s* = log L, i.e. weight exp(-s*) = 1 / L.
-    """
-    per = scale * (torch.exp(-log_vars) * losses + log_vars)
-    return per.sum(dim=-1).mean() if per.ndim > 1 else per.sum()
-
-
-def normalized_weights(log_vars: Tensor) -> Tensor:
-    """w_i = exp(-s_i) / sum_j exp(-s_j) over the last dim: comparable weights that sum to 1."""
-    return torch.softmax(-log_vars, dim=-1)
-
-
-def combine_channels(mode: WeightMode, losses: Tensor, log_vars: Tensor | None = None,
-                     bound: float = 5.0) -> Tensor:
-    """One scalar objective from per-channel losses under `mode` (equal / task / instance)."""
-    if mode == "equal":
-        return equal_weighting(losses)
-    if log_vars is None:
-        raise ValueError(f"mode {mode!r} needs log_vars")
-    return uncertainty_weighting(losses, clamp_log_vars(log_vars, bound), MODE_SCALE[mode])
-
-
 # --------------------------------------------------------------------------- settings
 
 @dataclass

@@ -35,10 +35,18 @@ from torch import Tensor
 Reduction = Literal["batchmean", "elementwise_mean", "none"]
 
 __all__ = [
+    "MODE_SCALE",
     "FedKDLosses",
+    "WeightMode",
+    "clamp_log_vars",
+    "combine_channels",
+    "equal_weighting",
+    "normalized_weights",
+    "uncertainty_weighting",
     "Reduction",
     "aggregate_class_means",
     "class_means",
+    "embed_cosine_loss",
     "fedkd_losses",
     "feature_distance",
     "gather_class_rows",
@@ -168,6 +176,18 @@ def soft_cross_entropy(logits: Tensor, soft_targets: Tensor, mask: Tensor | None
     if mask is not None:
         per_sample = torch.where(mask, per_sample, torch.zeros_like(per_sample))
     return per_sample.mean()
+
+
+def embed_cosine_loss(student: Tensor, teacher: Tensor, *,
+                      reduction: Literal["mean", "none"] = "mean") -> Tensor:
+    """1 - cos(student, teacher) per row (centralized.md section 6: embedding distillation, e.g.
+    Mix-CLAP's students toward the teacher's embeddings); mean over the batch, or per row."""
+    per_row = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "none":
+        return per_row
+    raise ValueError(f"unknown reduction {reduction!r}; expected mean or none")
 
 
 def feature_distance(
@@ -307,3 +327,46 @@ def fedkd_losses(
         hidden = denom.new_zeros(())
     d_t, d_s = kl_t / denom, kl_s / denom
     return FedKDLosses(ce_t + d_t + hidden, ce_s + d_s + hidden, ce_t, ce_s, d_t, d_s, hidden)
+
+
+# ---- uncertainty weighting of several loss channels (Beta-KD, centralized.md section 5) ----
+
+WeightMode = Literal["equal", "task", "instance"]
+#: scale of `exp(-s) L + s` per mode, as in the official code (task: Kendall's 0.5; instance: 1)
+MODE_SCALE: dict[str, float] = {"task": 0.5, "instance": 1.0}
+
+
+def clamp_log_vars(log_vars: Tensor, bound: float = 5.0) -> Tensor:
+    """s clamped to [-bound, bound] (official code: 5), so no weight explodes or vanishes."""
+    return log_vars.clamp(-bound, bound)
+
+
+def equal_weighting(losses: Tensor) -> Tensor:
+    """Plain sum over channels (last dim), mean over samples: the `equal` baseline."""
+    return losses.sum(dim=-1).mean() if losses.ndim > 1 else losses.sum()
+
+
+def uncertainty_weighting(losses: Tensor, log_vars: Tensor, scale: float = 0.5) -> Tensor:
+    """scale * sum_i (exp(-s_i) L_i + s_i), mean over samples.
+
+    The log-variance form of the Gibbs-prior objective beta * l - (d/2) log beta (beta = exp(-s)).
+    `losses` is (K,) or (B, K); `log_vars` is (K,) (task mode, broadcast over samples) or (B, K)
+    (instance mode). Minimizing over s gives s* = log L, i.e. weight exp(-s*) = 1 / L.
+    """
+    per = scale * (torch.exp(-log_vars) * losses + log_vars)
+    return per.sum(dim=-1).mean() if per.ndim > 1 else per.sum()
+
+
+def normalized_weights(log_vars: Tensor) -> Tensor:
+    """w_i = exp(-s_i) / sum_j exp(-s_j) over the last dim: comparable weights that sum to 1."""
+    return torch.softmax(-log_vars, dim=-1)
+
+
+def combine_channels(mode: WeightMode, losses: Tensor, log_vars: Tensor | None = None,
+                     bound: float = 5.0) -> Tensor:
+    """One scalar objective from per-channel losses under `mode` (equal / task / instance)."""
+    if mode == "equal":
+        return equal_weighting(losses)
+    if log_vars is None:
+        raise ValueError(f"mode {mode!r} needs log_vars")
+    return uncertainty_weighting(losses, clamp_log_vars(log_vars, bound), MODE_SCALE[mode])

@@ -27,6 +27,9 @@ from fedkd.clients.fml import FMLClient, FMLSettings
 from fedkd.clients.hinton_kd import HintonKDClient, KDSettings
 from fedkd.clients.local import LocalClient, LocalSettings
 from fedkd.clients.mhpflid import MHPFLIDClient, MHPFLIDSettings
+from fedkd.clients.mixclap import DESCRIPTION as MIXCLAP_DESCRIPTION
+from fedkd.clients.mixclap import MixCLAPClient, MixCLAPSettings
+from fedkd.clients.mixclap import check_settings as check_mixclap
 from fedkd.clients.mhpflid import check_settings as check_mhpflid
 from fedkd.clients.staged import StagedMethod
 from fedkd.clients.pse import PSEClient, PSESettings
@@ -112,6 +115,8 @@ register_method(MethodSpec("betakd", BetaKDClient, BetaKDSettings,
                            "centralized (1 client): Beta-KD, teachers then CE/logit-KD/feature-KD "
                            "weighted by learned uncertainty (equal, task, instance side by side)",
                            check_betakd))
+register_method(MethodSpec("mixclap", MixCLAPClient, MixCLAPSettings, MIXCLAP_DESCRIPTION,
+                           check_mixclap))
 register_method(MethodSpec("stkd", STKDClient, STKDSettings, STKD_DESCRIPTION, check_stkd))
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedkd.clients.betakd import (BetaKDClient, BetaKDSettings, Variant, build_student,
-                                  check_settings, clamp_log_vars, combine_channels,
-                                  equal_weighting, normalized_weights, uncertainty_weighting)
+from fedkd.clients.betakd import BetaKDClient, BetaKDSettings, Variant, build_student
+from fedkd.kd import (clamp_log_vars, combine_channels, equal_weighting, normalized_weights,
+                      uncertainty_weighting)
 from fedkd.clients.base import ClientData, RoundInfo
 from fedkd.config import data_dir, load_config
 from fedkd.taskdata.avmnist import (AUDIO_DIM, IMAGE_DIM, INPUT_DIM, TEST_SETS, load_avmnist,
@@ -26,17 +26,7 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _register() -> None:
-    """The method is registered in fedkd.registry by its owner; tests register it if not yet."""
-    from fedkd import registry
-
-    if "betakd" not in registry.METHODS:
-        registry.register_method(registry.MethodSpec(
-            "betakd", BetaKDClient, BetaKDSettings, "centralized: Beta-KD", check_settings))
-
-
 def _cfg(*overrides: str):  # type: ignore[no-untyped-def]
-    _register()
     return load_config(ROOT / "configs/experiment/betakd-avmnist.yaml", list(overrides))
 
 
