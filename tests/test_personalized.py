@@ -73,7 +73,10 @@ def test_personal_parameters_never_appear_in_any_message(tmp_path: Path, method:
             for state in personal.values():
                 for key, own in {**state.get("personal", {}), **state.get(PERSONAL_MODEL, {})}.items():
                     assert key not in arrays or not torch.equal(arrays[key], own)
-    if method not in ("fedavg", "fedprox", "ditto"):
+    if method == "local":  # the whole model is personal: nothing is shared
+        model_keys = set(runtime.algorithm.build_model(AUDITED[method]).state_dict())
+        assert not shared and all(set(personal[pid]["personal"]) == model_keys for pid in trained)
+    elif method not in ("fedavg", "fedprox", "ditto"):
         assert all(set(personal[pid]["personal"]) == set(runtime.algorithm.personal_keys)
                    for pid in trained)
         assert runtime.algorithm.personal_keys and not shared & set(runtime.algorithm.personal_keys)
