@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedkd-installed
 export FEDKD_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install quickstart test test-fast bench-overhead bench-protocol
+.PHONY: install quickstart test test-fast bench-overhead bench-protocol bench-centralized
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,3 +31,6 @@ bench-overhead: $(STAMP)
 # Benchmark protocol tables for every method (resumable: existing seed*.json are skipped).
 bench-protocol: $(STAMP)
 	bench/protocol.sh
+
+bench-centralized: $(STAMP)
+	bench/centralized.sh

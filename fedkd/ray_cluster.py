@@ -57,8 +57,12 @@ def warm_ray(enabled: bool = True, num_cpus: int | None = None) -> Iterator[str 
         return
     temp_dir = tempfile.mkdtemp(prefix="fedkd-ray-")
     port = _free_port()
+    # Worker ports 0 = chosen by the OS, and a free client-server port: Ray's defaults (10002..,
+    # 10001) are the same for every cluster, so two sweeps on one machine crashed each other's
+    # workers ("Failed to add any wildcard listeners ... 0.0.0.0:10002").
     cmd = [_ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus or os.cpu_count() or 1}",
+           "--min-worker-port=0", "--max-worker-port=0", f"--ray-client-server-port={_free_port()}",
            "--include-dashboard=false", "--disable-usage-stats"]
     try:
         subprocess.run(cmd, check=True, capture_output=True)

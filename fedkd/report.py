@@ -361,6 +361,16 @@ def sweep_table(rows: list[dict]) -> str:
 
     body = [[label, *(stat([g[k] for g in grp if g.get(k) is not None], digits.get(k, 4))
                       for k in keys), len(grp)] for label, grp in groups.items()]
-    head = ["run", HEADLINE, "unweighted mean", "std across clients", "worst-10%",
+    scores = {r.get("score") or "accuracy" for r in rows}
+    headline = HEADLINE.replace("accuracy", scores.pop()) if len(scores) == 1 else HEADLINE
+    head = ["run", headline, "unweighted mean", "std across clients", "worst-10%",
             "best of evaluations", "s/round", "bytes sent/client/round", "n seeds"]
-    return to_markdown([("table", head, body), ("p", "Values are mean ± sample std (ddof=1) over seeds.")])
+    blocks: list[Block] = [("table", head, body)]
+    # method-reported metrics (a centralized method's own baselines, e.g. student without KD)
+    extra = sorted({k for r in rows for k in r.get("extra_metrics") or {}})
+    if extra:
+        blocks += [("p", "Method-reported metrics of the last evaluated round (mean ± std over seeds):"),
+                   ("table", ["metric", *groups],
+                    [[k, *(stat([g["extra_metrics"][k] for g in grp if k in (g.get("extra_metrics") or {})], 4)
+                           for grp in groups.values())] for k in extra])]
+    return to_markdown([*blocks, ("p", "Values are mean ± sample std (ddof=1) over seeds.")])

@@ -168,3 +168,13 @@ def test_sweep_table(run: Path) -> None:
     assert "0.7500 ± 0.0707" in line_a and line_a.rstrip().endswith("| 2 |")
     line_b = next(ln for ln in md.splitlines() if ln.startswith("| B "))
     assert "0.5000" in line_b and "±" not in line_b.split("|")[2] and line_b.rstrip().endswith("| 1 |")
+    assert "last-round accuracy" in md and "Method-reported" not in md
+
+
+def test_sweep_table_names_the_score_and_lists_method_reported_metrics(run: Path) -> None:
+    base = {**summarize(run), "score": "auroc"}
+    rows = [{"run": "A", **base, "seed": s, "extra_metrics": {"student_auroc": v}} for s, v in ((0, 0.6), (1, 0.8))]
+    md = sweep_table(rows)
+    assert "last-round auroc (example-weighted)" in md
+    assert next(ln for ln in md.splitlines() if ln.startswith("| student_auroc ")).startswith(
+        "| student_auroc | 0.7000 ± 0.1414 |")
