@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every method on the benchmark protocol's settings, most informative runs first (seed 0 on
-# std-mnist, then std-fmnist, then std-mnist seeds 1-2). `fedkd sweep` skips results that exist,
+# std-mnist, then std-fmnist, then std-cifar10's PSE comparison, then std-mnist seeds 1-2). `fedkd sweep` skips results that exist,
 # so a cut-off queue resumes where it stopped; one sweep failing does not stop the others.
 # Usage: bench/protocol.sh   (FEDKD_DATA_DIR must point at the shared data; the Makefile sets it)
 set -u
@@ -18,5 +18,10 @@ for setting in "mnist --seeds 0" "fmnist --seeds 0" "mnist --seeds 0,1,2"; do
   sweep "$cfg" method.name=fedkd_mentor method.compress=true "$@" --out "$out"
   sweep "$cfg" method.name=$OURS "$@" --out "$out"
   [ -f "configs/experiment/std-$name-mhpflid.yaml" ] && sweep "configs/experiment/std-$name-mhpflid.yaml" \
-      method.name=mhpflid "$@" --out "$out" --variant hetero
+      method.name=mhpflid,local "$@" --out "$out" --variant hetero
+  if [ "$name" = fmnist ]; then  # std-cifar10 (10 clients, 5k images): PSE vs baselines, CNN and small ResNet
+    sweep configs/experiment/std-cifar10.yaml method.name=fedavg,local,fedrep,ditto,pse --seeds 0 --out bench/results/std-cifar10
+    sweep configs/experiment/std-cifar10.yaml method.name=fedavg,local,fedrep,ditto,pse model.name=resnet8 --seeds 0 \
+        --out bench/results/std-cifar10
+  fi
 done
