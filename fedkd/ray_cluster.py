@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -38,7 +39,7 @@ def _stop(temp_dir: str) -> None:
     procs = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(temp_dir in part for part in proc.info["cmdline"] or ()):
+            if proc.pid != os.getpid() and any(temp_dir in part for part in proc.info["cmdline"] or ()):
                 procs.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -64,9 +65,24 @@ def warm_ray(enabled: bool = True, num_cpus: int | None = None) -> Iterator[str 
            f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus or os.cpu_count() or 1}",
            "--min-worker-port=0", "--max-worker-port=0", f"--ray-client-server-port={_free_port()}",
            "--include-dashboard=false", "--disable-usage-stats"]
+    # a driver that dies without unwinding (SIGKILL, a Ray abort) would leave the cluster running
+    subprocess.Popen([sys.executable, "-m", "fedkd.ray_cluster", str(os.getpid()), temp_dir],
+                     start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         subprocess.run(cmd, check=True, capture_output=True)
         yield f"127.0.0.1:{port}"
     finally:
-        _stop(temp_dir)
+        _stop(temp_dir)  # the watchdog too: its command line names temp_dir
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def reap_when_orphaned(parent: int, temp_dir: str, poll_s: float = 1.0) -> None:
+    """Watchdog: stop the cluster under `temp_dir` once process `parent` is gone."""
+    while psutil.pid_exists(parent) and psutil.Process(parent).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(poll_s)
+    _stop(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    reap_when_orphaned(int(sys.argv[1]), sys.argv[2])
