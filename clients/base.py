@@ -77,6 +77,9 @@ class ClientAlgorithm(ABC):
     #: how the server combines what clients send: "strategy" (the Flower strategy named in
     #: `strategy.name`, over model tensors) or "class-means" (per-class tables, fedkd's own rule)
     aggregation: str = "strategy"
+    #: whether the client's model comes from `model.name` / `model.per_client` (False: the method
+    #: builds its own architectures from its settings, e.g. a centralized teacher and student)
+    uses_model_config: bool = True
 
     def __init__(self, cfg: FedkdConfig, settings: Any, input_shape: tuple[int, ...],
                  num_classes: int, device: torch.device) -> None:

@@ -34,6 +34,7 @@ class StagedMethod(ClientAlgorithm):
     """A centralized method: per-stage training, models kept in the client state."""
 
     evaluates = "personalized"
+    uses_model_config = False
 
     @classmethod
     @abstractmethod

@@ -53,6 +53,8 @@ DATASETS: dict[str, str] = {
     "cifar10-subset": "CIFAR-10, 5,291 images: 10 clients of PFLlib's Dirichlet(0.1) split",
     "digits": "scikit-learn 8x8 digits, 1,797 images",
     "hf:<name>": "any Hugging Face dataset via flwr_datasets (needs network; pattern, not a key)",
+    "medmnist:<flag>": "a MedMNIST v2 2D set, e.g. medmnist:pathmnist (optional extra fedkd[medmnist]; "
+                       "downloads into <data dir>/medmnist once)",
 }
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ _PFLLIB: dict[str, tuple[str, int, bool]] = {
     "cifar10-subset": ("pfllib-cifar10-dir0.1-subset", 10, True),
 }
 _DIGITS = "sklearn-digits/digits.csv.gz"
-_NAMES = [n for n in DATASETS if not n.startswith("hf:")]
+_NAMES = [n for n in DATASETS if not n.startswith(("hf:", "medmnist:"))]
 
 
 def _normalise(x: np.ndarray, scale: float) -> np.ndarray:
@@ -141,6 +143,12 @@ def check_available(cfg: DataConfig) -> None:
             raise ConfigError("data.partitioner.name", part,
                               "hf datasets have no given partition; use iid, dirichlet, pathological or shard")
         return
+    if name.startswith("medmnist:"):
+        _medmnist_info(name)
+        if part == "given":
+            raise ConfigError("data.partitioner.name", part,
+                              "MedMNIST has no given partition; use iid, dirichlet, pathological or shard")
+        return
     if name in TASK_DATASETS:
         if cfg.num_clients != 1:
             raise ConfigError("data.num_clients", cfg.num_clients,
@@ -193,6 +201,8 @@ def _load_cached(key: tuple[Any, ...]) -> FederatedData:
                      hf_image_key=img_key, hf_label_key=lbl_key)
     if name.startswith("hf:"):
         return _load_hf(cfg, seed)
+    if name.startswith("medmnist:"):
+        return _load_medmnist(cfg, seed)
     if name in TASK_DATASETS:
         return TASK_DATASETS[name].load(Path(root_s), seed)
     root, global_test = Path(root_s), None
@@ -213,19 +223,25 @@ def _load_cached(key: tuple[Any, ...]) -> FederatedData:
             return _federated(name, [ClientSplit(*s) for s in stored], global_test)
         x = np.concatenate([a for s in stored for a in (s[0], s[2])])
         y = np.concatenate([a for s in stored for a in (s[1], s[3])])
+    return _partitioned(cfg, x, y, seed, global_test)
+
+
+def _partitioned(cfg: DataConfig, x: np.ndarray, y: np.ndarray, seed: int, global_test: Any) -> FederatedData:
+    """Pooled samples -> the configured partitioner's clients, each split into train and test."""
     try:
-        if n > len(y):  # fail fast: IidPartitioner would build thousands of partitions first
-            raise ValueError(f"{n} clients > {len(y)} samples")
+        if cfg.num_clients > len(y):  # fail fast: IidPartitioner would build thousands of partitions first
+            raise ValueError(f"{cfg.num_clients} clients > {len(y)} samples")
         parts = partition_indices(y, make_partitioner(cfg, seed), seed)
     except (ValueError, IndexError, ZeroDivisionError) as exc:
         raise _partition_error(cfg, exc) from exc
-    return _federated(name, [_split(x[i], y[i], tf, seed + c) for c, i in enumerate(parts)], global_test)
+    return _federated(cfg.dataset, [_split(x[i], y[i], cfg.test_fraction, seed + c) for c, i in enumerate(parts)],
+                      global_test)
 
 
 def _federated(name: str, clients: list[ClientSplit], global_test: Any) -> FederatedData:
     ys = [c.y_train for c in clients] + [c.y_test for c in clients] + ([global_test[1]] if global_test else [])
     num_classes = 1 + max(int(a.max()) for a in ys if len(a))
-    if not name.startswith("hf:"):
+    if not name.startswith(("hf:", "medmnist:")):
         num_classes = 10  # all offline sets have 10 classes, even where a subset of clients misses one
     shape = next(a.shape[1:] for c in clients for a in (c.x_train, c.x_test) if len(a))
     return FederatedData(name, num_classes, tuple(shape), clients, global_test)
@@ -314,3 +330,49 @@ def _load_hf(cfg: DataConfig, seed: int) -> FederatedData:
     except (KeyError, ValueError):
         test = None  # no official test split
     return _federated(cfg.dataset, clients, test)
+
+
+def _medmnist_info(name: str) -> dict[str, Any]:
+    """MedMNIST's own metadata for `medmnist:<flag>` (URL, MD5, task), or a clear error."""
+    try:
+        import medmnist
+    except ImportError as exc:
+        raise DataError(f"{name} needs the optional extra: pip install 'fedkd[medmnist]'") from exc
+    flag = name.split(":", 1)[1]
+    single_label = sorted(f for f, i in medmnist.INFO.items()
+                          if i["task"] in ("multi-class", "binary-class", "ordinal-regression")
+                          and "python_class" in i and not i["python_class"].endswith("3D"))
+    check_choice("data.dataset", name, [f"medmnist:{f}" for f in single_label])
+    return medmnist.INFO[flag]
+
+
+def _load_medmnist(cfg: DataConfig, seed: int) -> FederatedData:
+    """MedMNIST v2 (28x28): the official train split is partitioned over the clients (each splits
+    its share into train/test), the official test split is the global test set.
+
+    The file is fetched with torch's downloader and checked against MedMNIST's MD5 rather than by
+    MedMNIST's own `download`, which imports torchvision (its CUDA wheel does not load next to
+    the CPU torch build)."""
+    import hashlib
+
+    import torch.hub
+
+    info, flag = _medmnist_info(cfg.dataset), cfg.dataset.split(":", 1)[1]
+    path = data_dir(cfg) / "medmnist" / f"{flag}.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(info["url"], str(path), progress=False)
+        except Exception as exc:  # no network, HTTP error, ...
+            raise DataError(f"cannot download {info['url']} to {path} ({exc}); put the file there by hand") from exc
+        if hashlib.md5(path.read_bytes()).hexdigest() != info["MD5"]:
+            path.unlink()
+            raise DataError(f"{path}: MD5 mismatch with MedMNIST's {info['MD5']} (download removed)")
+    with np.load(path) as npz:
+        def split(part: str) -> tuple[np.ndarray, np.ndarray]:
+            x = npz[f"{part}_images"]
+            x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> NCHW
+            return _normalise(x, 255.0), npz[f"{part}_labels"].reshape(-1).astype(np.int64)
+
+        (x, y), test = split("train"), split("test")
+    return _partitioned(cfg, x, y, seed, test)

@@ -30,7 +30,7 @@ from fedkd import plots
 
 HEADLINE = "last-round accuracy (example-weighted)"
 BEST = "best-of-evaluations"
-CLIENT_FIELDS = ["partition_id", "num_train", "num_test", "accuracy", "loss", "last_evaluated_round",
+CLIENT_FIELDS = ["partition_id", "model", "num_train", "num_test", "accuracy", "loss", "last_evaluated_round",
                  "rounds_trained", "failures", "train_seconds", "bytes_sent", "bytes_received"]
 FIGURES = {"accuracy_rounds.png": "Accuracy over rounds (spread across clients)",
            "client_accuracy.png": "Final per-client accuracy",
@@ -155,6 +155,7 @@ def client_rows(run_dir: Path) -> list[dict]:
     """Final per-client rows (clients.csv), sorted by partition id."""
     run_dir = Path(run_dir)
     counts = {c["partition_id"]: c for c in (_json(run_dir / "partition.json") or {}).get("clients", [])}
+    models = (_json(run_dir / "run.json") or {}).get("client_models") or []
     by_pid: dict[Any, list[dict]] = defaultdict(list)
     for r in read_metrics(run_dir / "metrics.jsonl"):
         if r["phase"] in ("train", "evaluate") and r.get("partition_id") is not None:
@@ -168,6 +169,7 @@ def client_rows(run_dir: Path) -> list[dict]:
         last = evals[-1] if evals else {}
         rows.append({
             "partition_id": pid,
+            "model": models[pid] if isinstance(pid, int) and pid < len(models) else None,
             "num_train": sum(counts[pid]["train"]) if pid in counts else None,
             "num_test": sum(counts[pid]["test"]) if pid in counts else None,
             "accuracy": last.get("accuracy"), "loss": last.get("loss"), "last_evaluated_round": last.get("round"),
@@ -292,7 +294,7 @@ def write_outputs(run_dir: Path) -> dict:
 
 def client_table(run_dir: Path) -> Table:
     """Final per-client results for the terminal (failing clients in red); short headers fit 80 columns."""
-    heads = ["id", "train", "test", "acc", "loss", "round", "trained", "fails", "sec", "MB sent", "MB recv"]
+    heads = ["id", "model", "train", "test", "acc", "loss", "round", "trained", "fails", "sec", "MB sent", "MB recv"]
     table = Table(title=f"Per-client results: {Path(run_dir).name}", box=box.SIMPLE_HEAD, pad_edge=False,
                   padding=(0, 1, 0, 0))
     for head in heads:

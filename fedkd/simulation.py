@@ -89,6 +89,7 @@ def quiet_flower(enabled: bool) -> Iterator[None]:
 
 
 def write_run_info(run_dir: Path, cfg: FedkdConfig, status: str, wall: float | None) -> None:
+    from fedkd.models import client_model_name
     from fedkd.registry import METHODS
 
     client = METHODS[cfg.method["name"]].client
@@ -96,8 +97,11 @@ def write_run_info(run_dir: Path, cfg: FedkdConfig, status: str, wall: float | N
     when = ("after aggregation (global model)" if evaluates == "global"
             else "after the client's local training in that round (personal parts), "
                  "with the latest aggregated shared parts")
+    # each client's architecture, for the per-client report (null: the method's own models)
+    models = ([client_model_name(cfg.model.name, cfg.model.per_client, pid) for pid in range(cfg.data.num_clients)]
+              if client.uses_model_config else None)
     info = {"evaluated_model": evaluates, "evaluated_when": when, "score": client.score,
-            "wall_seconds": wall,
+            "client_models": models, "wall_seconds": wall,
             "status": status}
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))
 

@@ -179,3 +179,26 @@ def test_other_offline_sets(monkeypatch: pytest.MonkeyPatch) -> None:
     assert d.input_shape == (1, 8, 8) and sum(sizes(d)) == 1797
     x = d.clients[0].x_train
     assert x.min() >= -1.0 and x.max() <= 1.0
+
+
+def test_medmnist_without_the_extra_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "medmnist", None)  # import fails as if not installed
+    with pytest.raises(DataError, match=r"pip install 'fedkd\[medmnist\]'"):
+        check_available(cfg(dataset="medmnist:pathmnist"))
+
+
+def test_medmnist_file_in_the_data_dir_is_partitioned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("medmnist")  # optional extra; the file below stands in for the download
+    with pytest.raises(ConfigError, match=r"medmnist:chestmnist.*allowed:.*medmnist:pathmnist"):
+        check_available(cfg(dataset="medmnist:chestmnist"))  # multi-label: not a classification set
+    rng = np.random.default_rng(0)
+    (tmp_path / "medmnist").mkdir()
+    np.savez(tmp_path / "medmnist" / "pathmnist.npz",
+             train_images=rng.integers(0, 256, (300, 28, 28, 3), dtype=np.uint8),
+             train_labels=rng.integers(0, 9, (300, 1)), test_images=rng.integers(0, 256, (40, 28, 28, 3), dtype=np.uint8),
+             test_labels=rng.integers(0, 9, (40, 1)))
+    monkeypatch.setenv("FEDKD_DATA_DIR", str(tmp_path))
+    d = load_federated(cfg("dirichlet", 4, dataset="medmnist:pathmnist", alpha=0.5), 0)
+    assert d.input_shape == (3, 28, 28) and len(d.clients) == 4 and sum(sizes(d)) == 300
+    assert d.global_test is not None and len(d.global_test[1]) == 40
+    assert -1.0 <= d.clients[0].x_train.min() and d.clients[0].x_train.max() <= 1.0

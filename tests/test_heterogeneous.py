@@ -8,6 +8,7 @@ import pytest
 
 from fedkd.config import ConfigError, load_config
 from fedkd.models import client_model_name
+from fedkd.report import client_rows
 from fedkd.state import ClientStateStore
 from tests.test_local_kd import eval_curve
 from tests.test_personalized import in_process_run
@@ -36,6 +37,9 @@ def test_heterogeneous_clients_train_side_by_side(tmp_path: Path, method: str) -
     assert len(shapes) == 2  # two architectures, each kept by its own clients
     curve = eval_curve(tmp_path)
     assert len(curve) == 2 and all(0.0 <= a <= 1.0 for a in curve.values())
+    # the per-client report names each client's architecture
+    per_client = list(cfg.model.per_client)
+    assert [r["model"] for r in client_rows(tmp_path)] == [per_client[pid % 2] for pid in range(4)]
 
 
 def test_methods_that_share_weights_reject_per_client_models() -> None:

@@ -24,7 +24,7 @@ from fedkd.data import load_federated
 from fedkd.models import batchnorm_keys
 from fedkd.recorder import Recorder
 from fedkd.runtime import ClientRuntime
-from fedkd.simulation import prepare_run_dir
+from fedkd.simulation import prepare_run_dir, write_run_info
 from fedkd.state import ClientStateStore
 from fedkd.testing import InProcessGrid, weighted_mean_expected
 from fedkd.wire import client_arrays_key
@@ -39,6 +39,7 @@ AUDITED = {"fedavg": "mlp", "fedprox": "mlp", "local": "mlp", "fedper": "mlp", "
 def in_process_run(tmp_path: Path, *overrides: str, nodes: int = 2) -> tuple[InProcessGrid, FedkdConfig]:
     cfg = load_config(None, [*SMALL, *overrides])
     prepare_run_dir(cfg, tmp_path)
+    write_run_info(tmp_path, cfg, "running", None)
     grid = InProcessGrid(nodes)
     recorder = Recorder(tmp_path)
     run_server(grid, cfg, tmp_path, recorder)
