@@ -183,11 +183,7 @@ def embed_cosine_loss(student: Tensor, teacher: Tensor, *,
     """1 - cos(student, teacher) per row (centralized.md section 6: embedding distillation, e.g.
     Mix-CLAP's students toward the teacher's embeddings); mean over the batch, or per row."""
     per_row = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
-    if reduction == "mean":
-        return per_row.mean()
-    if reduction == "none":
-        return per_row
-    raise ValueError(f"unknown reduction {reduction!r}; expected mean or none")
+    return _reduce(per_row, 1, "batchmean" if reduction == "mean" else reduction)
 
 
 def feature_distance(
