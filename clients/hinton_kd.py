@@ -2,7 +2,7 @@
 
 Stages (a round is an epoch): `teacher_epochs` of the teacher alone, then
 `student_epochs` in which the KD student learns from the frozen teacher with
-(1 - alpha) CE + alpha T^2 KL(p_t^T || p_s^T) (`fedkd.kd.kd_loss`) while a baseline
+(1 - alpha) CE + alpha T^2 KL(p_t^T || p_s^T) (`fedkd.kd.soft_hard_loss`) while a baseline
 student (same architecture, same init, same batches, alpha = 0) trains beside it,
 so one run gives both numbers (`../shared/specs/centralized.md` section 1).
 Models are MLPs scaled down from the paper for the CPU budget (teacher 256-256 with
@@ -25,7 +25,7 @@ from fedkd.clients.base import (Arrays, ClientData, EvalResult, RoundInfo, evalu
                                 train_epochs)
 from fedkd.clients.staged import StagedMethod, Stages, stage_of
 from fedkd.config import setting
-from fedkd.kd import kd_loss
+from fedkd.kd import soft_hard_loss
 from fedkd.metrics import agreement, expected_calibration_error
 from fedkd.models import FedModel, mlp
 
@@ -88,9 +88,8 @@ class HintonKDClient(StagedMethod):
             with torch.no_grad():
                 z_t = teacher(x)
             z_s, z_b = student(x), baseline(x)
-            ce = nn.functional.cross_entropy
-            kd = (1 - s.alpha) * ce(z_s, y) + s.alpha * kd_loss(z_s, z_t, s.temperature)
-            plain = ce(z_b, y)
+            kd = soft_hard_loss(z_s, z_t, y, s.temperature, s.alpha)
+            plain = nn.functional.cross_entropy(z_b, y)
             baseline_loss[0] += plain.item() * len(y)
             baseline_loss[1] += len(y)
             return kd + plain, z_s  # disjoint parameters: each student gets its own gradient
