@@ -26,7 +26,8 @@ log-mel values); every model splits them itself. The evaluation reads the three 
 
 ASSUMED choices: the headline variant (setting `headline`, default `task`); the instance weight
 MLP's last layer starts at zero so s(x) = 0 at init, the spec's "s init 0" (setting
-`instance_zero_init`); the multi-teacher extension as a whole (setting `teachers`), whose weight
+`instance_zero_init`); the instance clamp passes the gradient straight through (setting
+`instance_clamp`; the official hard clamp left s(x) stuck at the bound in our runs); the multi-teacher extension as a whole (setting `teachers`), whose weight
 MLP reads the concatenated detached penultimate features of the listed teachers. Implementation
 details (not choices of substance): the raw task log-variances are clamped in place before every
 step as well as in the forward pass, so they cannot drift beyond the clamp where it has no
@@ -75,6 +76,10 @@ class BetaKDSettings:
     weight_lr: float = setting(1e-2, gt=0.0)  # own Adam group for s / the weight MLP
     clamp: float = setting(5.0, gt=0.0)  # |s| <= clamp
     instance_hidden: int = setting(128, min=1)  # weight MLP: feature_dim -> hidden -> channels
+    #: ASSUMED: straight_through keeps the weight MLP's gradient beyond the clamp; hard = the
+    #: official clamp, under which s(x) overshot to +5 in the first student round and stayed
+    #: there (weights frozen at 1/3, every loss scaled by e^-5: the student barely trained)
+    instance_clamp: str = setting("straight_through", choices=["straight_through", "hard"])
     instance_zero_init: bool = True  # ASSUMED: last layer zero, so s(x) = 0 at init ("s init 0")
     student_hidden: int = setting(32, min=1)  # per-modality MLP width (concat = 2x)
     #: multi-teacher extension (ASSUMED, project addition): [] = off; e.g. [image, audio, multimodal]
@@ -215,6 +220,7 @@ class Variant(nn.Module):
             self.channels = ("ce", "kd", "fd")
         self.temperature, self.bound = settings.temperature, settings.clamp
         self.batch_mean = settings.instance_losses == "batch_mean"
+        self.instance_clamp = settings.instance_clamp
         self.student = student
         if "fd" in self.channels:
             assert projector is not None
@@ -238,7 +244,8 @@ class Variant(nn.Module):
     def instance_log_vars(self, teacher: TeacherOutputs) -> Tensor:
         """s(x) from the DETACHED teacher features, clamped (B, K)."""
         feats = torch.cat([teacher[t][1].detach() for t in self.teachers], dim=-1)
-        return clamp_log_vars(self.weighter(feats), self.bound)
+        return clamp_log_vars(self.weighter(feats), self.bound,
+                              straight_through=self.instance_clamp == "straight_through")
 
     def forward(self, x: Tensor, y: Tensor, teacher: TeacherOutputs) -> VariantOutput:
         h_s = self.student.features(x)

@@ -332,9 +332,14 @@ WeightMode = Literal["equal", "task", "instance"]
 MODE_SCALE: dict[str, float] = {"task": 0.5, "instance": 1.0}
 
 
-def clamp_log_vars(log_vars: Tensor, bound: float = 5.0) -> Tensor:
-    """s clamped to [-bound, bound] (official code: 5), so no weight explodes or vanishes."""
-    return log_vars.clamp(-bound, bound)
+def clamp_log_vars(log_vars: Tensor, bound: float = 5.0, *, straight_through: bool = False) -> Tensor:
+    """s clamped to [-bound, bound] (official code: 5), so no weight explodes or vanishes.
+
+    `straight_through`: the forward value is clamped but the gradient passes as if it were not,
+    so a network whose output overshot the bound is still pulled back (a hard clamp has zero
+    gradient there and leaves it stuck)."""
+    clamped = log_vars.clamp(-bound, bound)
+    return log_vars + (clamped - log_vars).detach() if straight_through else clamped
 
 
 def equal_weighting(losses: Tensor) -> Tensor:

@@ -87,6 +87,23 @@ def test_normalized_weights_and_clamp() -> None:
     assert task.log_vars.max() <= 5.0  # the raw parameter itself was pulled back
 
 
+@pytest.mark.parametrize("clamp", ["straight_through", "hard"])
+def test_instance_weights_beyond_the_clamp_still_learn_only_with_straight_through(clamp: str) -> None:
+    settings = BetaKDSettings(instance_clamp=clamp)
+    inst = Variant("instance", build_student(8, 10), torch.nn.Linear(16, 128), (), 10, settings)
+    with torch.no_grad():
+        inst.weighter[-1].bias.fill_(40.0)  # s(x) far above the bound, as in the run that stuck at +5
+    x, y = torch.randn(5, INPUT_DIM), torch.arange(5)
+    teacher = {"multimodal": (torch.randn(5, 10), torch.randn(5, 128))}
+    out = inst(x, y, teacher)
+    assert out.log_vars is not None and out.log_vars.max() <= 5.0  # forward value clamped either way
+    out.loss.backward()
+    grad = inst.weighter[-1].bias.grad
+    assert grad is not None
+    # d/ds (exp(-s) L + s) = 1 - exp(-5) L > 0 here: the straight-through gradient pushes s back down
+    assert (grad > 0).all() if clamp == "straight_through" else (grad == 0).all()
+
+
 # 4 ------------------------------------------------------------------------------------------
 def test_noisy_teacher_is_down_weighted() -> None:
     torch.manual_seed(0)
