@@ -110,6 +110,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from fedkd.data import DATASETS
@@ -122,7 +123,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                         ("models", MODELS), ("datasets", DATASETS)):
         table = Table(title=title, show_header=False)
         for name, text in rows.items():
-            table.add_row(name, text)
+            table.add_row(escape(name), escape(text))  # descriptions hold literal [brackets]
         console.print(table)
     return 0
 

@@ -202,3 +202,11 @@ def test_medmnist_file_in_the_data_dir_is_partitioned(tmp_path: Path, monkeypatc
     assert d.input_shape == (3, 28, 28) and len(d.clients) == 4 and sum(sizes(d)) == 300
     assert d.global_test is not None and len(d.global_test[1]) == 40
     assert -1.0 <= d.clients[0].x_train.min() and d.clients[0].x_train.max() <= 1.0
+
+
+def test_fedkd_list_prints_descriptions_verbatim(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedkd.cli import main
+
+    assert main(["list"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "medmnist:<flag>" in out and "fedkd[medmnist]" in out  # not eaten as rich markup
