@@ -332,8 +332,8 @@ def _load_hf(cfg: DataConfig, seed: int) -> FederatedData:
     return _federated(cfg.dataset, clients, test)
 
 
-def _medmnist_info(name: str) -> dict[str, Any]:
-    """MedMNIST's own metadata for `medmnist:<flag>` (URL, MD5, task), or a clear error."""
+def _medmnist_info(name: str) -> tuple[str, dict[str, Any]]:
+    """(flag, MedMNIST's own metadata: URL, MD5, task) for `medmnist:<flag>`, or a clear error."""
     try:
         import medmnist
     except ImportError as exc:
@@ -343,7 +343,7 @@ def _medmnist_info(name: str) -> dict[str, Any]:
                           if i["task"] in ("multi-class", "binary-class", "ordinal-regression")
                           and "python_class" in i and not i["python_class"].endswith("3D"))
     check_choice("data.dataset", name, [f"medmnist:{f}" for f in single_label])
-    return medmnist.INFO[flag]
+    return flag, medmnist.INFO[flag]
 
 
 def _load_medmnist(cfg: DataConfig, seed: int) -> FederatedData:
@@ -357,7 +357,7 @@ def _load_medmnist(cfg: DataConfig, seed: int) -> FederatedData:
 
     import torch.hub
 
-    info, flag = _medmnist_info(cfg.dataset), cfg.dataset.split(":", 1)[1]
+    flag, info = _medmnist_info(cfg.dataset)
     path = data_dir(cfg) / "medmnist" / f"{flag}.npz"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

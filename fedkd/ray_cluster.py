@@ -34,8 +34,8 @@ def _ray_cli() -> str:
     return str(local) if local.exists() else "ray"
 
 
-def _stop(temp_dir: str) -> None:
-    """Terminate the processes of the cluster that lives under `temp_dir`."""
+def cluster_processes(temp_dir: str) -> list[psutil.Process]:
+    """The processes (other than this one) whose command line names `temp_dir`."""
     procs = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
@@ -43,6 +43,12 @@ def _stop(temp_dir: str) -> None:
                 procs.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    return procs
+
+
+def _stop(temp_dir: str) -> None:
+    """Terminate the processes of the cluster that lives under `temp_dir`."""
+    procs = cluster_processes(temp_dir)
     for proc in procs:
         proc.terminate()
     _, alive = psutil.wait_procs(procs, timeout=5)

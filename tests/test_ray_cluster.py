@@ -11,6 +11,8 @@ import time
 import psutil
 import pytest
 
+from fedkd.ray_cluster import cluster_processes
+
 pytestmark = pytest.mark.e2e
 
 STARTER = """
@@ -22,33 +24,21 @@ with warm_ray(num_cpus=1) as address:
 """
 
 
-def _cluster_processes(temp_prefix: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_prefix in part for part in proc.info["cmdline"] or ()):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
 def test_a_killed_driver_does_not_leave_its_cluster_running() -> None:
     starter = subprocess.Popen([sys.executable, "-c", STARTER], stdout=subprocess.PIPE, text=True)
     try:
         assert starter.stdout is not None and starter.stdout.readline().strip()  # cluster is up
-        children = {p.pid for p in psutil.Process(starter.pid).children(recursive=True)}
-        temp_dirs = {part for proc in psutil.process_iter(["cmdline"]) if proc.pid in children
-                     for part in proc.info["cmdline"] or () if "fedkd-ray-" in part}
-        assert temp_dirs, "no cluster process found under the driver"
-        temp_dir = next(iter(temp_dirs)).split("fedkd-ray-")[1].split("/")[0]
-        assert _cluster_processes(f"fedkd-ray-{temp_dir}")
+        # the watchdog is the driver's child: `python -m fedkd.ray_cluster PID TEMP_DIR`
+        watchdog = next(p for p in psutil.Process(starter.pid).children(recursive=True)
+                        if "fedkd.ray_cluster" in p.cmdline())
+        temp_dir = watchdog.cmdline()[-1]
+        assert len(cluster_processes(temp_dir)) > 1  # the watchdog and the cluster itself
         os.kill(starter.pid, signal.SIGKILL)  # no `finally` runs
         starter.wait()
         deadline = time.monotonic() + 30
-        while _cluster_processes(f"fedkd-ray-{temp_dir}") and time.monotonic() < deadline:
+        while cluster_processes(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _cluster_processes(f"fedkd-ray-{temp_dir}")
+        assert not cluster_processes(temp_dir)
     finally:
         if starter.poll() is None:
             starter.kill()
