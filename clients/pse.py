@@ -18,8 +18,8 @@ per-layer-normalized difference into excitation weights alpha (`normalized_diffe
 {f_l, h_l, A, h} for `local_epochs` on CE(h(A(f_l(x), g_f(x))), y) + lambda_aux CE(h_l(f_l(x)), y)
 [+ lambda_kd kd_loss(student, g(x), tau)], g frozen. In round 1 the local model starts as a copy of
 g (spec c.4), which makes the excitation a no-op. Clients evaluate the personalized fused model
-`PSEModel` (it needs the received global model too, spec c.7); the global model's accuracy is
-logged beside it ("global-accuracy").
+`PSEModel` (it needs a global model too); the global model's accuracy is logged beside it
+("global-accuracy").
 
 ASSUMED (spec section g; each a setting, the spec's suggested default first):
 - B1 `upload`: "global_copy" (Ditto-like dual training) | "local" (no global-copy pass; the
@@ -40,6 +40,12 @@ ASSUMED (spec section g; each a setting, the spec's suggested default first):
   spec's output LN: h then sees features of norm sqrt(d), so plain SGD on h diverges from lr ~0.05
   (or lr 0.01 with momentum 0.9) on; `final_norm: false` (z = u + MLP(LN(u)), z_l's scale) is
   stable there but learns slower at the protocol's lr 0.005.
+- `eval_global`: which frozen global model the fused model reads at evaluation. "received" (spec
+  c.7: the latest received, i.e. this round's aggregate, which the personalized parts never trained
+  with) | "round_start" (spec c.6's metric: the snapshot the personalized parts were trained
+  against this round, kept in the client state). The other one's accuracy is logged beside the
+  headline ("fused-with-round_start-accuracy" / "fused-with-received-accuracy"), so one run shows
+  how much the fused model suffers from the global model moving under it.
 - Ablations: `excitation: false` skips steps c.3-c.4 ("attention only"); `attention: false`
   replaces A by the identity, h classifies z_l ("excitation only"; h_l's auxiliary loss stays).
 - A client evaluated before it ever trained uses a copy of the received global model as its local
@@ -69,6 +75,7 @@ LOCAL_MODEL = "local-model"  # f_l + h_l
 ATTENTION = "attention"  # A
 PERSONAL_HEAD = "personal-head"  # h
 EXCITATION = "excitation"  # the last round's alpha per low-level conv (used by excite_on: features)
+ROUND_START_GLOBAL = "round-start-global"  # the snapshot the personalized parts last trained with
 PERSONAL_OPTIMIZER = "optimizer-personal"
 
 
@@ -101,6 +108,8 @@ class PSESettings:
     local_epochs: int = setting(1, min=0)  # E_l: personalized phase
     global_epochs: int = setting(1, min=0)  # E_g: global-copy phase
     upload: str = setting("global_copy", choices=("global_copy", "local"))  # B1 (ASSUMED)
+    # evaluation: the global model the fused model reads (c.7 "received" vs c.6 "round_start")
+    eval_global: str = setting("received", choices=("received", "round_start"))  # (ASSUMED)
 
 
 # ---- pure pieces ------------------------------------------------------------------------------
@@ -417,6 +426,7 @@ class PSEClient(PartialSharing):
         s: PSESettings = self.settings
         self.layers = _check_model(self.model, s, self.cfg.model.name)
         self.snapshot: FedModel = self.build_model().eval().requires_grad_(False)
+        self.round_start: FedModel = self.build_model().eval().requires_grad_(False)
         self.local = PrivateModel(self.build_model, LOCAL_MODEL)
         dim = self.model.feature_dim
         with torch.random.fork_rng(devices=[]):  # same A and h init on every client, RNG untouched
@@ -528,6 +538,7 @@ class PSEClient(PartialSharing):
                                objective=objective, lr=lr, state=state,
                                optimizer_key=PERSONAL_OPTIMIZER)
         self.local.save(state)
+        state[ROUND_START_GLOBAL] = _clone(snapshot)
         state[PERSONAL_HEAD] = _clone(self.personal_head)
         if self.attention is not None:
             state[ATTENTION] = _clone(self.attention)
@@ -551,10 +562,21 @@ class PSEClient(PartialSharing):
 
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
-        """The fused personalized model on the test split; the received global model beside it."""
+        """The fused personalized model on the test split, reading the global model that
+        `eval_global` names; the received global model alone and the fused model with the other
+        global model beside it."""
         snapshot = self.load_snapshot(received)
-        model = self.personalized_model(self.load_local(state, snapshot), snapshot, state)
-        own = evaluate_model(model, data.x_test, data.y_test)
+        local = self.load_local(state, snapshot)
+        globals_ = {"received": snapshot}
+        if ROUND_START_GLOBAL in state:  # trained at least once
+            self.round_start.load_state_dict(state[ROUND_START_GLOBAL])
+            globals_["round_start"] = self.round_start
+        chosen = self.settings.eval_global if self.settings.eval_global in globals_ else "received"
+        fused = {name: evaluate_model(self.personalized_model(local, model, state),
+                                      data.x_test, data.y_test)
+                 for name, model in globals_.items()}
         shared = evaluate_model(snapshot, data.x_test, data.y_test)
-        own.metrics = {"global-accuracy": shared.accuracy, "global-loss": shared.loss}
+        own = fused.pop(chosen)
+        own.metrics = {"global-accuracy": shared.accuracy, "global-loss": shared.loss,
+                       **{f"fused-with-{name}-accuracy": r.accuracy for name, r in fused.items()}}
         return own

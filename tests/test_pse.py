@@ -18,9 +18,10 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from fedkd import registry
-from fedkd.clients.base import Arrays, ClientData, RoundInfo
+from fedkd.clients.base import Arrays, ClientData, RoundInfo, evaluate_model
 from fedkd.clients.fedavg import FedAvgClient, FedAvgSettings
-from fedkd.clients.pse import (ATTENTION, EXCITATION, LOCAL_MODEL, PERSONAL_HEAD, ConvLayer,
+from fedkd.clients.pse import (ATTENTION, EXCITATION, LOCAL_MODEL, PERSONAL_HEAD,
+                                ROUND_START_GLOBAL, ConvLayer,
                                CrossModelAttention, PSEClient, PSEModel, PSESettings,
                                channel_gradient_norms, check_settings, excitation_weights,
                                excited_features, excited_keys, interpolate_channels,
@@ -273,7 +274,8 @@ def test_uploads_are_the_plainly_trained_global_copy_and_nothing_private() -> No
         assert same(result.arrays, expected.arrays)  # spec c.2: FedAvg's update of the received model
         assert result.num_examples == len(data.y_train)
         received = result.arrays
-    assert set(state) == {LOCAL_MODEL, ATTENTION, PERSONAL_HEAD, EXCITATION}  # SGD, no momentum
+    assert set(state) == {LOCAL_MODEL, ATTENTION, PERSONAL_HEAD, EXCITATION,
+                          ROUND_START_GLOBAL}  # SGD, no momentum
     private = [t for key in (LOCAL_MODEL, ATTENTION, PERSONAL_HEAD) for t in state[key].values()]
     pointers = {t.data_ptr() for t in private}
     assert not any(t.data_ptr() in pointers for t in received.values())
@@ -305,7 +307,28 @@ def test_training_improves_personalized_accuracy_over_three_rounds() -> None:
     after = pse.evaluate(arrays, state, data, RoundInfo(0, 3, 0))
     assert after.accuracy > before.accuracy and after.accuracy >= 0.9
     assert losses[-1] < losses[0]
-    assert set(after.metrics) == {"global-accuracy", "global-loss"}
+    assert set(after.metrics) == {"global-accuracy", "global-loss", "fused-with-round_start-accuracy"}
+    assert set(before.metrics) == {"global-accuracy", "global-loss"}  # never trained: no round start
+
+
+@pytest.mark.parametrize("eval_global", ["received", "round_start"])
+def test_evaluation_reads_the_global_model_eval_global_names(eval_global: str) -> None:
+    """After an aggregation moved the global model, "received" fuses with the new aggregate and
+    "round_start" with the snapshot the personalized parts trained against; each run logs the other."""
+    pse, data, state = client(PSESettings(eval_global=eval_global)), separable(n=96), {}
+    start = clone(pse.initial_arrays())
+    pse.train(start, state, data, RoundInfo(0, 1, 0))
+    moved = {k: v * 50.0 if k.startswith("features") and v.is_floating_point() else v
+             for k, v in start.items()}  # a very different aggregate
+    result = pse.evaluate(moved, state, data, RoundInfo(0, 1, 0))
+    other = "round_start" if eval_global == "received" else "received"
+    fused_with = {eval_global: result.accuracy,
+                  other: result.metrics[f"fused-with-{other}-accuracy"]}
+    assert fused_with["received"] != fused_with["round_start"]  # the two readings differ here
+    for name, arrays in (("received", moved), ("round_start", start)):
+        snapshot = pse.load_snapshot(arrays)
+        model = pse.personalized_model(pse.load_local(state, snapshot), snapshot, state)
+        assert fused_with[name] == evaluate_model(model, data.x_test, data.y_test).accuracy
 
 
 def test_personalized_beats_the_global_model_on_conflicting_clients() -> None:
