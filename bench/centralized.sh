@@ -6,7 +6,7 @@
 # Usage: bench/centralized.sh   (FEDKD_DATA_DIR must point at the shared data)
 set -u
 FEDKD=${FEDKD:-.venv/bin/fedkd}
-for exp in stkd-cardio xtime-etth1 kd-mnist5k mixclap-fsdd betakd-avmnist; do
+for exp in stkd-cardio xtime-etth1 kd-mnist5k mixclap-fsdd betakd-avmnist betakd-avmnist-multiteacher; do
   "$FEDKD" sweep "configs/experiment/$exp.yaml" --seeds 0,1,2 --out "bench/results/$exp" --quiet \
       || echo "sweep failed: $exp" >&2
 done
