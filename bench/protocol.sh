@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every method on the benchmark protocol's settings, the issues' headline comparisons first:
-#   1. std-mnist seed 0, every method;  2. std-cifar10 seed 0 (PSE vs baselines, CNN then resnet8);
+#   1. std-mnist seed 0, every method;  2. std-cifar10 seed 0 (PSE vs baselines: CNN, PSE ablations, resnet8);
 #   3. std-fmnist seed 0 and std-mnist seeds 1-2, headline methods (PSE, FedAvg, local, FedRep, Ditto;
-#      MH-pFLID vs local on heterogeneous models);  4. the remaining methods on those settings.
+#      MH-pFLID vs local on heterogeneous models);  4. the remaining methods on those settings, PSE's
+#      ablations on std-mnist.
 # `fedkd sweep` skips results that exist, so a cut-off queue resumes where it stopped; one sweep
 # failing does not stop the others.
 # Usage: bench/protocol.sh   (FEDKD_DATA_DIR must point at the shared data; the Makefile sets it)
@@ -28,7 +29,14 @@ cifar10() {  # cifar10 MODEL: 10 clients, 5k colour images; PSE's excitation mus
   sweep configs/experiment/std-cifar10.yaml method.name=$HEADLINE model.name=$1 --seeds 0 \
       --out bench/results/std-cifar10
 }
+pse_ablations() {  # pse_ablations SETTING [axis ...]: which half of PSE carries the result (issue 6)
+  local setting=$1; shift
+  sweep "configs/experiment/std-$setting.yaml" method.name=pse "$@" --set method.excitation=false \
+      --variant attention_only --seeds 0 --out "bench/results/std-$setting"
+  sweep "configs/experiment/std-$setting.yaml" method.name=pse "$@" --set method.attention=false \
+      --variant excitation_only --seeds 0 --out "bench/results/std-$setting"
+}
 headline mnist 0; others mnist 0
-cifar10 cnn; cifar10 resnet8
+cifar10 cnn; pse_ablations cifar10 model.name=cnn; cifar10 resnet8
 headline fmnist 0; headline mnist 0,1,2
-others fmnist 0; others mnist 0,1,2
+others fmnist 0; others mnist 0,1,2; pse_ablations mnist

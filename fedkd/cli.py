@@ -76,13 +76,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     seeds = [int(s) for s in args.seeds.split(",")]
     grid = parse_grid(args.grid)
+    if args.set and not args.variant:  # else the labels, and so the skip-existing check, collide
+        raise UsageError(f"--set {' '.join(args.set)} changes every run of the sweep: name it "
+                         f"with --variant, e.g. --variant attention_only")
     out = Path(args.out)
     plans = []
     for combo in grid:  # validate everything before the first simulation starts
         label = "-".join(o.partition("=")[2] for o in combo) or Path(args.config).stem
         label += f"-{args.variant}" if args.variant else ""
         for seed in seeds:
-            cfg = load_config(args.config, [*combo, f"experiment.seed={seed}"])
+            cfg = load_config(args.config, [*args.set, *combo, f"experiment.seed={seed}"])
             plans.append((label, seed, cfg))
     rows = []
     with warm_ray(enabled=any(not (out / lab / f"seed{s}.json").exists() for lab, s, _ in plans)) as address:
@@ -165,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--out", default="runs/sweep", help="results: OUT/<label>/seed<k>.json")
     p.add_argument("--variant", help="appended to every label, e.g. 'hetero' -> mhpflid-hetero")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a fixed override, not an axis (so a value may hold commas, e.g. "
+                        "method.teachers=[image,audio]); needs --variant; repeatable")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("list", help="methods, strategies, models, datasets")

@@ -78,6 +78,8 @@ def test_missing_data_dir_names_the_path(tmp_path: Path) -> None:
      "data.partitioner.name=given", "data.num_clients=20"],
     ["run", "configs/experiment/missing.yaml"],
     ["run", QUICKSTART, "notakeyvalue"],
+    ["sweep", QUICKSTART, "method.name=fedavg", "--set", "train.lr=0.1"],  # --set needs --variant
+    ["sweep", QUICKSTART, "--set", "method.heads=0", "--variant", "bad"],  # checked before any run
 ])
 def test_cli_exits_2_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
@@ -88,3 +90,27 @@ def test_cli_exits_2_with_one_line(argv: list[str], capsys: pytest.CaptureFixtur
 def test_every_shipped_config_is_valid() -> None:
     for path in sorted((ROOT / "configs" / "experiment").glob("*.yaml")):
         load_config(path)
+
+
+def test_sweep_set_is_a_fixed_override_of_every_run(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    """`--set` reaches every run's config unsplit (commas allowed) and the label carries --variant."""
+    import contextlib
+
+    import fedkd.ray_cluster
+    import fedkd.simulation
+
+    seen = []
+
+    def fake_run(cfg, run_dir, quiet=False):  # stop at the first run: only its config matters
+        seen.append((cfg, Path(run_dir)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedkd.simulation, "run_experiment", fake_run)
+    monkeypatch.setattr(fedkd.ray_cluster, "warm_ray", lambda enabled: contextlib.nullcontext(None))
+    with pytest.raises(KeyboardInterrupt):
+        main(["sweep", QUICKSTART, "method.name=fedavg,fedprox", "--set", "train.lr=0.125",
+              "--set", "faults.clients=[0,1]", "--variant", "v", "--out", str(tmp_path)])
+    (cfg, run_dir), = seen
+    assert cfg.train.lr == 0.125 and list(cfg.faults.clients) == [0, 1]
+    assert run_dir == tmp_path / "fedavg-v" / "seed0"
