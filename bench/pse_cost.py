@@ -4,7 +4,7 @@ PSE does three passes per round (spec c.2-c.5): the global copy's FedAvg epoch, 
 gradient statistics (a forward and backward of both the frozen global and the local model per
 batch, no update) and the personalized epoch (local model forward/backward, global model forward,
 cross-model attention and head). This times one client of a protocol setting in-process, without
-Flower or Ray (the client algorithm is plain PyTorch), 1 torch thread, rounds 1..R of a single
+Flower or Ray (the client algorithm is plain PyTorch), with the config's threads per client, rounds 1..R of a single
 client fed its own upload (the global model does not matter for the cost), and splits PSE's round
 into those phases by timing the two module-level functions it calls.
 
@@ -23,8 +23,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
-
-import torch
 
 import fedkd.clients.pse as pse
 from fedkd.clients.base import RoundInfo
@@ -51,7 +49,6 @@ def client_rounds(setting: str, method: str, overrides: list[str], client: int,
     cfg = load_config(f"configs/experiment/{setting}.yaml", [f"method.name={method}", *overrides])
     runtime = ClientRuntime(cfg, tempfile.mkdtemp(prefix="fedkd-pse-cost-"))
     algorithm, data = runtime.algorithm, runtime.client_data(client)
-    torch.set_num_threads(1)
     state: dict[str, Any] = {}
     arrays = algorithm.initial_arrays()
     seconds: dict[str, float] = defaultdict(float)

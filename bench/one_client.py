@@ -1,0 +1,59 @@
+"""One client trained by itself: the quickest look at what a method's local update does.
+
+A client of a federated setting runs R rounds alone, in-process, without Flower or Ray (client
+algorithms are plain PyTorch): each round it trains on the arrays it uploaded last round (there
+is no server and no other client) and evaluates the model it uses every `--every` rounds. Two
+variants that differ only in their local update therefore differ only by that update, e.g.
+MH-pFLID's gradient clip against plain local training:
+
+    .venv/bin/python bench/one_client.py configs/experiment/std-mnist-mhpflid.yaml --client 1 \\
+        --variant local method.name=local --variant clip1 method.name=mhpflid method.max_grad_norm=1 \\
+        --variant noclip method.name=mhpflid
+
+Prints each variant's accuracy per evaluation round; writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from fedkd.clients.base import RoundInfo
+from fedkd.config import load_config
+from fedkd.runtime import ClientRuntime
+
+
+def alone(config: str, overrides: list[str], client: int, rounds: int,
+          every: int) -> list[tuple[int, float]]:
+    """[(round, test accuracy of the model the client uses), ...] of `client` training alone."""
+    cfg = load_config(config, overrides)
+    runtime = ClientRuntime(cfg, tempfile.mkdtemp(prefix="fedkd-one-client-"))  # sets threads
+    algorithm, data = runtime.algorithm, runtime.client_data(client)
+    state: dict = {}
+    arrays = algorithm.initial_arrays()
+    curve = []
+    for rnd in range(1, rounds + 1):
+        info = RoundInfo(client, rnd, 0)
+        arrays = algorithm.train(arrays, state, data, info).arrays or arrays
+        if rnd % every == 0 or rnd == rounds:
+            curve.append((rnd, algorithm.evaluate(arrays, state, data, info).accuracy))
+    return curve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--client", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--every", type=int, default=5)
+    parser.add_argument("--variant", nargs="+", action="append", required=True,
+                        metavar=("LABEL", "KEY=VALUE"), help="a label and its overrides; repeatable")
+    args = parser.parse_args()
+    for label, *overrides in args.variant:
+        curve = alone(args.config, overrides, args.client, args.rounds, args.every)
+        print(f"client {args.client} {label}: " + ", ".join(f"r{r} {a:.4f}" for r, a in curve),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
