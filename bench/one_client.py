@@ -16,28 +16,32 @@ Prints each variant's accuracy per evaluation round; writes nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 
 from fedkd.clients.base import RoundInfo
 from fedkd.config import load_config
 from fedkd.runtime import ClientRuntime
 
 
-def alone(config: str, overrides: list[str], client: int, rounds: int,
-          every: int) -> list[tuple[int, float]]:
-    """[(round, test accuracy of the model the client uses), ...] of `client` training alone."""
+def train_alone(config: str, overrides: list[str], client: int,
+                rounds: int) -> Iterator[tuple[int, float, Callable[[], float]]]:
+    """After each of `rounds` rounds of `client` training alone: (round, seconds of its train
+    call, a function giving the test accuracy of the model the client now uses)."""
     cfg = load_config(config, overrides)
     runtime = ClientRuntime(cfg, tempfile.mkdtemp(prefix="fedkd-one-client-"))  # sets threads
     algorithm, data = runtime.algorithm, runtime.client_data(client)
     state: dict = {}
     arrays = algorithm.initial_arrays()
-    curve = []
     for rnd in range(1, rounds + 1):
         info = RoundInfo(client, rnd, 0)
+        start = time.perf_counter()
         arrays = algorithm.train(arrays, state, data, info).arrays or arrays
-        if rnd % every == 0 or rnd == rounds:
-            curve.append((rnd, algorithm.evaluate(arrays, state, data, info).accuracy))
-    return curve
+        seconds = time.perf_counter() - start
+        yield rnd, seconds, functools.partial(
+            lambda a, i: algorithm.evaluate(a, state, data, i).accuracy, arrays, info)
 
 
 def main() -> None:
@@ -50,7 +54,9 @@ def main() -> None:
                         metavar=("LABEL", "KEY=VALUE"), help="a label and its overrides; repeatable")
     args = parser.parse_args()
     for label, *overrides in args.variant:
-        curve = alone(args.config, overrides, args.client, args.rounds, args.every)
+        curve = [(rnd, accuracy()) for rnd, _, accuracy in
+                 train_alone(args.config, overrides, args.client, args.rounds)
+                 if rnd % args.every == 0 or rnd == args.rounds]
         print(f"client {args.client} {label}: " + ", ".join(f"r{r} {a:.4f}" for r, a in curve),
               flush=True)
 

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import fedkd.clients.pse as pse
-from fedkd.clients.base import RoundInfo
-from fedkd.config import load_config
-from fedkd.runtime import ClientRuntime
+from one_client import train_alone  # bench/ is the script's directory
 
 PHASES = {"channel_gradient_norms": "gradient statistics (2 models)",
           "train_epochs": "global copy + personalized epochs"}
@@ -46,23 +43,17 @@ def timed(seconds: dict[str, float], name: str, fn: Callable[..., Any]) -> Calla
 def client_rounds(setting: str, method: str, overrides: list[str], client: int,
                   rounds: int) -> tuple[list[float], list[dict[str, float]]]:
     """(s per round, per-round phase seconds) of `client` training alone for `rounds` rounds."""
-    cfg = load_config(f"configs/experiment/{setting}.yaml", [f"method.name={method}", *overrides])
-    runtime = ClientRuntime(cfg, tempfile.mkdtemp(prefix="fedkd-pse-cost-"))
-    algorithm, data = runtime.algorithm, runtime.client_data(client)
-    state: dict[str, Any] = {}
-    arrays = algorithm.initial_arrays()
     seconds: dict[str, float] = defaultdict(float)
     originals = {name: getattr(pse, name) for name in PHASES}
     for name, fn in originals.items():
         setattr(pse, name, timed(seconds, PHASES[name], fn))
     totals, phases = [], []
     try:
-        for rnd in range(1, rounds + 1):
-            seconds.clear()
-            start = time.perf_counter()
-            arrays = algorithm.train(arrays, state, data, RoundInfo(client, rnd, 0)).arrays
-            totals.append(time.perf_counter() - start)
+        for _, total, _ in train_alone(f"configs/experiment/{setting}.yaml",
+                                       [f"method.name={method}", *overrides], client, rounds):
+            totals.append(total)
             phases.append(dict(seconds))
+            seconds.clear()
     finally:
         for name, fn in originals.items():
             setattr(pse, name, fn)
