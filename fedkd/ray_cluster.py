@@ -9,8 +9,10 @@ cluster gets its own temp dir, so stopping it ends exactly its processes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Iterator
 
 import psutil
+
+WATCHDOG = "fedkd.ray_cluster"  # the watchdog runs as `python -m fedkd.ray_cluster PID TEMP_DIR`
 
 
 def _free_port() -> int:
@@ -47,13 +51,29 @@ def cluster_processes(temp_dir: str) -> list[psutil.Process]:
 
 
 def _stop(temp_dir: str) -> None:
-    """Terminate the processes of the cluster that lives under `temp_dir`."""
+    """End the processes of the cluster that lives under `temp_dir`, its watchdog last.
+
+    A sweep's own stop runs from a driver that may be killed mid-way (Ray's SIGTERM handler ends
+    the process a moment after ours starts unwinding), so the watchdog, which ignores SIGTERM,
+    must still be there to finish the job: it is killed only once the cluster is gone.
+    """
     procs = cluster_processes(temp_dir)
-    for proc in procs:
-        proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for proc in alive:
-        proc.kill()
+    watchdogs = [p for p in procs if _is_watchdog(p)]
+    cluster = [p for p in procs if p not in watchdogs]
+    for proc in cluster:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(cluster, timeout=5)
+    for proc in alive + watchdogs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def _is_watchdog(proc: psutil.Process) -> bool:
+    try:
+        return WATCHDOG in proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 @contextmanager
@@ -72,7 +92,7 @@ def warm_ray(enabled: bool = True, num_cpus: int | None = None) -> Iterator[str 
            "--min-worker-port=0", "--max-worker-port=0", f"--ray-client-server-port={_free_port()}",
            "--include-dashboard=false", "--disable-usage-stats"]
     # a driver that dies without unwinding (SIGKILL, a Ray abort) would leave the cluster running
-    subprocess.Popen([sys.executable, "-m", "fedkd.ray_cluster", str(os.getpid()), temp_dir],
+    subprocess.Popen([sys.executable, "-m", WATCHDOG, str(os.getpid()), temp_dir],
                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         subprocess.run(cmd, check=True, capture_output=True)
@@ -91,4 +111,5 @@ def reap_when_orphaned(parent: int, temp_dir: str, poll_s: float = 1.0) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # see `_stop`: only SIGKILL ends the watchdog
     reap_when_orphaned(int(sys.argv[1]), sys.argv[2])

@@ -17,23 +17,35 @@ pytestmark = pytest.mark.e2e
 
 STARTER = """
 import sys, time
+import ray
 from fedkd.ray_cluster import warm_ray
 with warm_ray(num_cpus=1) as address:
+    ray.init(address=address)  # a real driver: Ray installs its own SIGTERM handler
     print(address, flush=True)
     time.sleep(600)
 """
 
 
-def test_a_killed_driver_does_not_leave_its_cluster_running() -> None:
+def watchdog_of(driver: int) -> psutil.Process:
+    """The watchdog `python -m fedkd.ray_cluster DRIVER TEMP_DIR`, found by its command line."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "fedkd.ray_cluster" in cmd and str(driver) in cmd:
+            return proc
+    raise AssertionError(f"no watchdog for driver {driver}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_driver_does_not_leave_its_cluster_running(sig: signal.Signals) -> None:
+    """SIGKILL runs no `finally`. SIGTERM starts the driver's own stop, which Ray's handler cuts
+    short; that stop used to end the watchdog first and leave the cluster running. Either way
+    the watchdog must stop the cluster."""
     starter = subprocess.Popen([sys.executable, "-c", STARTER], stdout=subprocess.PIPE, text=True)
     try:
         assert starter.stdout is not None and starter.stdout.readline().strip()  # cluster is up
-        # the watchdog is the driver's child: `python -m fedkd.ray_cluster PID TEMP_DIR`
-        watchdog = next(p for p in psutil.Process(starter.pid).children(recursive=True)
-                        if "fedkd.ray_cluster" in p.cmdline())
-        temp_dir = watchdog.cmdline()[-1]
+        temp_dir = watchdog_of(starter.pid).cmdline()[-1]
         assert len(cluster_processes(temp_dir)) > 1  # the watchdog and the cluster itself
-        os.kill(starter.pid, signal.SIGKILL)  # no `finally` runs
+        os.kill(starter.pid, sig)
         starter.wait()
         deadline = time.monotonic() + 30
         while cluster_processes(temp_dir) and time.monotonic() < deadline:
