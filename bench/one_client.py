@@ -16,7 +16,6 @@ Prints each variant's accuracy per evaluation round; writes nothing.
 from __future__ import annotations
 
 import argparse
-import functools
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -40,8 +39,8 @@ def train_alone(config: str, overrides: list[str], client: int,
         start = time.perf_counter()
         arrays = algorithm.train(arrays, state, data, info).arrays or arrays
         seconds = time.perf_counter() - start
-        yield rnd, seconds, functools.partial(
-            lambda a, i: algorithm.evaluate(a, state, data, i).accuracy, arrays, info)
+        # call it before the next round: the state moves on with every round
+        yield rnd, seconds, lambda a=arrays, i=info: algorithm.evaluate(a, state, data, i).accuracy
 
 
 def main() -> None:

@@ -4,9 +4,9 @@ PSE does three passes per round (spec c.2-c.5): the global copy's FedAvg epoch, 
 gradient statistics (a forward and backward of both the frozen global and the local model per
 batch, no update) and the personalized epoch (local model forward/backward, global model forward,
 cross-model attention and head). This times one client of a protocol setting in-process, without
-Flower or Ray (the client algorithm is plain PyTorch), with the config's threads per client, rounds 1..R of a single
-client fed its own upload (the global model does not matter for the cost), and splits PSE's round
-into those phases by timing the two module-level functions it calls.
+Flower or Ray (the client algorithm is plain PyTorch), with the config's threads per client:
+rounds 1..R of a single client fed its own upload (the global model does not matter for the
+cost), PSE's round split into those phases by timing the two module-level functions it calls.
 
     .venv/bin/python bench/pse_cost.py [--setting std-mnist] [--client 0] [--rounds 3] [override ...]
 

@@ -27,9 +27,10 @@ log-mel values); every model splits them itself. The evaluation reads the three 
 ASSUMED choices: the headline variant (setting `headline`, default `task`); the instance weight
 MLP's last layer starts at zero so s(x) = 0 at init, the spec's "s init 0" (setting
 `instance_zero_init`); the instance clamp passes the gradient straight through (setting
-`instance_clamp`; the official hard clamp left s(x) stuck at the bound in our runs); the multi-teacher extension as a whole (setting `teachers`), whose weight
-MLP reads the concatenated detached penultimate features of the listed teachers. Implementation
-details (not choices of substance): the raw task log-variances are clamped in place before every
+`instance_clamp`; the official hard clamp left s(x) stuck at the bound in our runs); the
+multi-teacher extension as a whole (setting `teachers`), whose weight MLP reads the concatenated
+detached penultimate features of the listed teachers. Implementation details (not choices of
+substance): the raw task log-variances are clamped in place before every
 step as well as in the forward pass, so they cannot drift beyond the clamp where it has no
 gradient; teacher outputs are computed once and cached (teachers are frozen). From the official
 code: the scale of `exp(-s) L + s` is 0.5 in task mode and 1 in instance mode (`MODE_SCALE`).
@@ -220,7 +221,7 @@ class Variant(nn.Module):
             self.channels = ("ce", "kd", "fd")
         self.temperature, self.bound = settings.temperature, settings.clamp
         self.batch_mean = settings.instance_losses == "batch_mean"
-        self.instance_clamp = settings.instance_clamp
+        self.straight_through = settings.instance_clamp == "straight_through"
         self.student = student
         if "fd" in self.channels:
             assert projector is not None
@@ -245,7 +246,7 @@ class Variant(nn.Module):
         """s(x) from the DETACHED teacher features, clamped (B, K)."""
         feats = torch.cat([teacher[t][1].detach() for t in self.teachers], dim=-1)
         return clamp_log_vars(self.weighter(feats), self.bound,
-                              straight_through=self.instance_clamp == "straight_through")
+                              straight_through=self.straight_through)
 
     def forward(self, x: Tensor, y: Tensor, teacher: TeacherOutputs) -> VariantOutput:
         h_s = self.student.features(x)

@@ -58,7 +58,7 @@ def _stop(temp_dir: str) -> None:
     must still be there to finish the job: it is killed only once the cluster is gone.
     """
     procs = cluster_processes(temp_dir)
-    watchdogs = [p for p in procs if _is_watchdog(p)]
+    watchdogs = [p for p in procs if WATCHDOG in p.info["cmdline"]]  # read by cluster_processes
     cluster = [p for p in procs if p not in watchdogs]
     for proc in cluster:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -67,13 +67,6 @@ def _stop(temp_dir: str) -> None:
     for proc in alive + watchdogs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-
-
-def _is_watchdog(proc: psutil.Process) -> bool:
-    try:
-        return WATCHDOG in proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 @contextmanager
