@@ -118,6 +118,12 @@ def summarize(run_dir: Path) -> dict:
     later = [s for rnd, s in sorted(round_secs.items()) if rnd >= 2] or list(round_secs.values())
     trained = [r for r in records if r["phase"] == "train" and r.get("status") == "ok"]
     last_evals = list(evals[last["round"]].values()) if last else []
+    models = run.get("client_models") or []
+    by_model: dict[str, list[dict]] = defaultdict(list)  # heterogeneous runs: the headline per architecture
+    for r in last_evals:
+        pid = r.get("partition_id")
+        if isinstance(pid, int) and pid < len(models):
+            by_model[models[pid]].append(r)
     # what a method logs beside its headline (Ditto's "global_accuracy", KD's "baseline_accuracy")
     standard = {"round", "phase", "partition_id", "status", "num_examples", "loss", "accuracy",
                 "seconds", "bytes_received", "bytes_sent", "worker_pid", "error"}
@@ -135,6 +141,7 @@ def summarize(run_dir: Path) -> dict:
         "accuracy_worst10": last.get("accuracy_worst10"), "clients_evaluated": last.get("clients"),
         "best_round": best.get("round"), "best_accuracy": best.get("accuracy"),
         "central_accuracy": central[-1]["accuracy"] if central else None,
+        "per_model": ({m: round_stats(rs) for m, rs in sorted(by_model.items())} if len(by_model) > 1 else {}),
         "extra_metrics": {k: round_stats([{**r, "accuracy": r[k]} for r in last_evals
                                           if r.get(k) is not None])["accuracy"] for k in extra},
         "bytes_sent_per_client_round": (statistics.fmean(r.get("bytes_sent") or 0 for r in trained)
@@ -264,6 +271,11 @@ def _report_blocks(s: dict, rows: list[dict], figures: list[str]) -> list[Block]
     blocks.append(("table", ["round", "phase", "partition_id", "error"],
                    [[f["round"], f["phase"], f["partition_id"], f["error"]] for f in fails]) if fails
                   else ("p", "No failed client records."))
+    if s.get("per_model"):  # heterogeneous clients: is one architecture behind?
+        blocks += [("h2", f"By architecture (round {_fmt(s['last_round'])})"),
+                   ("table", ["model", "clients", "accuracy (example-weighted)", "unweighted mean", "min", "max"],
+                    [[m, p["clients"], p["accuracy"], p["accuracy_unweighted"], p["min"], p["max"]]
+                     for m, p in s["per_model"].items()])]
     blocks += [("h2", "Per-client results"), ("table", CLIENT_FIELDS, [[r[k] for k in CLIENT_FIELDS] for r in rows]),
                ("h2", "Figures"), *(("img", f, FIGURES[f]) for f in figures)]
     return blocks

@@ -178,3 +178,18 @@ def test_sweep_table_names_the_score_and_lists_method_reported_metrics(run: Path
     assert "last-round auroc (example-weighted)" in md
     assert next(ln for ln in md.splitlines() if ln.startswith("| student_auroc ")).startswith(
         "| student_auroc | 0.7000 ± 0.1414 |")
+
+
+def test_per_architecture_headline_for_heterogeneous_runs(run: Path) -> None:
+    assert summarize(run)["per_model"] == {}  # one architecture (or none recorded): no breakdown
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "client_models": ["cnn", "mlp", "cnn"]}))
+    per_model = summarize(run)["per_model"]
+    assert list(per_model) == ["cnn", "mlp"]
+    assert per_model["cnn"]["accuracy"] == pytest.approx((0.9 * 10 + 0.8 * 60) / 70)
+    assert per_model["cnn"]["accuracy_unweighted"] == pytest.approx(0.85)
+    assert (per_model["cnn"]["clients"], per_model["mlp"]["clients"]) == (2, 1)
+    assert per_model["mlp"]["accuracy"] == pytest.approx(0.5)
+    write_outputs(run)
+    md = (run / "report.md").read_text()
+    assert "## By architecture (round 3)" in md and "| mlp | 1 | 0.5000 |" in md
