@@ -387,4 +387,11 @@ def sweep_table(rows: list[dict]) -> str:
                    ("table", ["metric", *groups],
                     [[k, *(stat([g["extra_metrics"][k] for g in grp if k in (g.get("extra_metrics") or {})], 4)
                            for grp in groups.values())] for k in extra])]
+    hetero = {label: grp for label, grp in groups.items() if any(g.get("per_model") for g in grp)}
+    if hetero:  # heterogeneous runs: the headline per architecture
+        archs = sorted({m for grp in hetero.values() for g in grp for m in g.get("per_model") or {}})
+        blocks += [("p", f"{HEADLINE} per client architecture (mean ± std over seeds):"),
+                   ("table", ["architecture", *hetero],
+                    [[m, *(stat([g["per_model"][m]["accuracy"] for g in grp if m in (g.get("per_model") or {})], 4)
+                           for grp in hetero.values())] for m in archs])]
     return to_markdown([*blocks, ("p", "Values are mean ± sample std (ddof=1) over seeds.")])

@@ -168,7 +168,7 @@ def test_sweep_table(run: Path) -> None:
     assert "0.7500 ± 0.0707" in line_a and line_a.rstrip().endswith("| 2 |")
     line_b = next(ln for ln in md.splitlines() if ln.startswith("| B "))
     assert "0.5000" in line_b and "±" not in line_b.split("|")[2] and line_b.rstrip().endswith("| 1 |")
-    assert "last-round accuracy" in md and "Method-reported" not in md
+    assert "last-round accuracy" in md and "Method-reported" not in md and "per client architecture" not in md
 
 
 def test_sweep_table_names_the_score_and_lists_method_reported_metrics(run: Path) -> None:
@@ -193,3 +193,13 @@ def test_per_architecture_headline_for_heterogeneous_runs(run: Path) -> None:
     write_outputs(run)
     md = (run / "report.md").read_text()
     assert "## By architecture (round 3)" in md and "| mlp | 1 | 0.5000 |" in md
+
+
+def test_sweep_table_gives_the_per_architecture_headline_over_seeds(run: Path) -> None:
+    base = summarize(run)
+    rows = [{"run": "mh", **base, "seed": s, "per_model": {"cnn": {"accuracy": a}, "mlp": {"accuracy": 0.9}}}
+            for s, a in ((0, 0.7), (1, 0.8))] + [{"run": "fedavg", **base, "seed": 0}]
+    md = sweep_table(rows)
+    assert "per client architecture" in md
+    assert "| architecture | mh |" in md  # runs without a breakdown get no column
+    assert "| cnn | 0.7500 ± 0.0707 |" in md and "| mlp | 0.9000 ± 0.0000 |" in md
