@@ -128,10 +128,14 @@ class ClientAlgorithm(ABC):
         """Test accuracy of the model this client actually uses, on its own test split."""
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Shuffled mini-batch indices (a DataLoader is slower than this for in-memory tensors)."""
+def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = False) -> Iterator[Tensor]:
+    """Shuffled mini-batch indices (a DataLoader is slower than this for in-memory tensors).
+
+    `drop_last` skips an incomplete last batch, as PFLlib's train loader does, unless it is the only
+    batch (PFLlib would then not train the client at all)."""
     order = torch.randperm(n, generator=generator)
-    for start in range(0, n, batch_size):
+    end = n - n % batch_size if drop_last and n > batch_size else n
+    for start in range(0, end, batch_size):
         yield order[start:start + batch_size]
 
 
@@ -210,7 +214,7 @@ def train_epochs(model: nn.Module, data: ClientData, cfg: FedkdConfig, generator
     loss_sum, correct, seen = 0.0, 0, 0
     try:
         for _ in range(cfg.train.local_epochs if epochs is None else epochs):
-            for idx in batches(len(data.y_train), cfg.train.batch_size, generator):
+            for idx in batches(len(data.y_train), cfg.train.batch_size, generator, cfg.train.drop_last):
                 x, y = data.x_train[idx], data.y_train[idx]
                 if objective is None:
                     logits = model(x)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fedkd.clients.base import ClientData, RoundInfo
+from fedkd.clients.base import ClientData, RoundInfo, batches
 from fedkd.clients.fedavg import FedAvgClient, FedAvgSettings
 from fedkd.clients.local import LocalClient, LocalSettings
 from fedkd.config import FedkdConfig, TrainConfig
@@ -123,3 +123,15 @@ def test_results_of_one_client_survive_training_the_next_with_the_same_model() -
     snapshot = {k: v.clone() for k, v in first.arrays.items()}
     client.train(start, {}, tiny_data(1), RoundInfo(1, 1, 0))
     assert all(torch.equal(snapshot[k], first.arrays[k]) for k in snapshot)
+
+
+def test_drop_last_skips_only_an_incomplete_last_batch() -> None:
+    def sizes(n: int, drop_last: bool) -> list[int]:
+        return [len(b) for b in batches(n, 10, torch.Generator().manual_seed(0), drop_last)]
+
+    assert sizes(951, False) == [10] * 95 + [1]
+    assert sizes(951, True) == [10] * 95  # PFLlib's train loader: no 1-sample SGD step
+    assert sizes(950, True) == [10] * 95
+    assert sizes(7, True) == [7]  # the only batch is kept, so a tiny client still trains
+    kept = torch.cat(list(batches(951, 10, torch.Generator().manual_seed(0), True)))
+    assert torch.equal(kept, torch.cat(list(batches(951, 10, torch.Generator().manual_seed(0))))[:950])
