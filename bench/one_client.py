@@ -35,7 +35,7 @@ def train_alone(config: str, overrides: list[str], client: int,
     state: dict = {}
     arrays = algorithm.initial_arrays()
     for rnd in range(1, rounds + 1):
-        info = RoundInfo(client, rnd, 0)
+        info = RoundInfo(client, rnd, cfg.experiment.seed)  # the data order of that seed's federated run
         start = time.perf_counter()
         arrays = algorithm.train(arrays, state, data, info).arrays or arrays
         seconds = time.perf_counter() - start
