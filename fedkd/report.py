@@ -17,7 +17,7 @@ import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import yaml
@@ -102,6 +102,12 @@ def _ok_evals(records: Sequence[dict]) -> dict[int, dict[Any, dict]]:
     return by_round
 
 
+def client_model(run: dict, pid: Any) -> str | None:
+    """The architecture run.json records for partition `pid` (None when it records none)."""
+    models = run.get("client_models") or []
+    return models[pid] if isinstance(pid, int) and pid < len(models) else None
+
+
 def summarize(run_dir: Path) -> dict:
     """The content of summary.json (see module docstring for the headline protocol)."""
     run_dir = Path(run_dir)
@@ -118,12 +124,10 @@ def summarize(run_dir: Path) -> dict:
     later = [s for rnd, s in sorted(round_secs.items()) if rnd >= 2] or list(round_secs.values())
     trained = [r for r in records if r["phase"] == "train" and r.get("status") == "ok"]
     last_evals = list(evals[last["round"]].values()) if last else []
-    models = run.get("client_models") or []
     by_model: dict[str, list[dict]] = defaultdict(list)  # heterogeneous runs: the headline per architecture
     for r in last_evals:
-        pid = r.get("partition_id")
-        if isinstance(pid, int) and pid < len(models):
-            by_model[models[pid]].append(r)
+        if (model := client_model(run, r.get("partition_id"))) is not None:
+            by_model[model].append(r)
     # what a method logs beside its headline (Ditto's "global_accuracy", KD's "baseline_accuracy")
     standard = {"round", "phase", "partition_id", "status", "num_examples", "loss", "accuracy",
                 "seconds", "bytes_received", "bytes_sent", "worker_pid", "error"}
@@ -162,7 +166,7 @@ def client_rows(run_dir: Path) -> list[dict]:
     """Final per-client rows (clients.csv), sorted by partition id."""
     run_dir = Path(run_dir)
     counts = {c["partition_id"]: c for c in (_json(run_dir / "partition.json") or {}).get("clients", [])}
-    models = (_json(run_dir / "run.json") or {}).get("client_models") or []
+    run = _json(run_dir / "run.json") or {}
     by_pid: dict[Any, list[dict]] = defaultdict(list)
     for r in read_metrics(run_dir / "metrics.jsonl"):
         if r["phase"] in ("train", "evaluate") and r.get("partition_id") is not None:
@@ -176,7 +180,7 @@ def client_rows(run_dir: Path) -> list[dict]:
         last = evals[-1] if evals else {}
         rows.append({
             "partition_id": pid,
-            "model": models[pid] if isinstance(pid, int) and pid < len(models) else None,
+            "model": client_model(run, pid),
             "num_train": sum(counts[pid]["train"]) if pid in counts else None,
             "num_test": sum(counts[pid]["test"]) if pid in counts else None,
             "accuracy": last.get("accuracy"), "loss": last.get("loss"), "last_evaluated_round": last.get("round"),
@@ -373,6 +377,11 @@ def sweep_table(rows: list[dict]) -> str:
         mean = statistics.fmean(vals)
         return f"{mean:.{digits}f} ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else f"{mean:.{digits}f}"
 
+    def keyed_rows(columns: dict[str, list[dict]], keys: list[str], value: Callable[[dict, str], Any]) -> list:
+        """One row per key, one mean ± std cell per column, over the seeds that have the value."""
+        return [[k, *(stat([v for g in grp if (v := value(g, k)) is not None], 4) for grp in columns.values())]
+                for k in keys]
+
     body = [[label, *(stat([g[k] for g in grp if g.get(k) is not None], digits.get(k, 4))
                       for k in keys), len(grp)] for label, grp in groups.items()]
     scores = {r.get("score") or "accuracy" for r in rows}
@@ -385,13 +394,11 @@ def sweep_table(rows: list[dict]) -> str:
     if extra:
         blocks += [("p", "Method-reported metrics of the last evaluated round (mean ± std over seeds):"),
                    ("table", ["metric", *groups],
-                    [[k, *(stat([g["extra_metrics"][k] for g in grp if k in (g.get("extra_metrics") or {})], 4)
-                           for grp in groups.values())] for k in extra])]
+                    keyed_rows(groups, extra, lambda g, k: (g.get("extra_metrics") or {}).get(k)))]
     hetero = {label: grp for label, grp in groups.items() if any(g.get("per_model") for g in grp)}
     if hetero:  # heterogeneous runs: the headline per architecture
         archs = sorted({m for grp in hetero.values() for g in grp for m in g.get("per_model") or {}})
         blocks += [("p", f"{HEADLINE} per client architecture (mean ± std over seeds):"),
                    ("table", ["architecture", *hetero],
-                    [[m, *(stat([g["per_model"][m]["accuracy"] for g in grp if m in (g.get("per_model") or {})], 4)
-                           for grp in hetero.values())] for m in archs])]
+                    keyed_rows(hetero, archs, lambda g, m: ((g.get("per_model") or {}).get(m) or {}).get("accuracy")))]
     return to_markdown([*blocks, ("p", "Values are mean ± sample std (ddof=1) over seeds.")])
