@@ -17,30 +17,37 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 
-from fedkd.clients.base import RoundInfo
+from fedkd.clients.base import Arrays
 from fedkd.config import load_config
 from fedkd.runtime import ClientRuntime
+from fedkd.wire import ClientOutcome
 
 
 def train_alone(config: str, overrides: list[str], client: int,
                 rounds: int) -> Iterator[tuple[int, float, Callable[[], float]]]:
     """After each of `rounds` rounds of `client` training alone: (round, seconds of its train
-    call, a function giving the test accuracy of the model the client now uses)."""
+    call, a function giving the test accuracy of the model the client now uses).
+
+    Each call goes through `ClientRuntime.run`, the path a ClientApp takes: the same seeds, the
+    state store's round trip and the move of received arrays onto `device.type`."""
     cfg = load_config(config, overrides)
     runtime = ClientRuntime(cfg, tempfile.mkdtemp(prefix="fedkd-one-client-"))  # sets threads
-    algorithm, data = runtime.algorithm, runtime.client_data(client)
-    state: dict = {}
-    arrays = algorithm.initial_arrays()
+
+    def call(phase: str, arrays: Arrays, rnd: int) -> ClientOutcome:
+        out = runtime.run(phase, client, arrays, rnd, {"server-round": rnd})
+        if out.error is not None:
+            raise RuntimeError(out.error)
+        return out
+
+    arrays = runtime.algorithm.initial_arrays()
     for rnd in range(1, rounds + 1):
-        info = RoundInfo(client, rnd, cfg.experiment.seed)  # the data order of that seed's federated run
-        start = time.perf_counter()
-        arrays = algorithm.train(arrays, state, data, info).arrays or arrays
-        seconds = time.perf_counter() - start
+        out = call("train", arrays, rnd)
+        arrays = out.arrays or arrays
         # call it before the next round: the state moves on with every round
-        yield rnd, seconds, lambda a=arrays, i=info: algorithm.evaluate(a, state, data, i).accuracy
+        yield rnd, out.metrics["seconds"], \
+            lambda a=arrays, r=rnd: call("evaluate", a, r).metrics["accuracy"]
 
 
 def main() -> None:
