@@ -31,7 +31,9 @@ def device_run(config: str, overrides: list[str], device: str, client: int,
     """{"s_per_round", "accuracy"} of one variant on one device, or {"error": traceback}."""
     try:
         seconds, accuracy = [], None
-        for _, secs, acc in train_alone(config, [*overrides, f"device.type={device}"], client, rounds):
+        # a GPU simulation's config also gives each client a GPU share; validation asks for it
+        device_overrides = [f"device.type={device}"] + (["simulation.client_gpus=1"] if device == "cuda" else [])
+        for _, secs, acc in train_alone(config, [*overrides, *device_overrides], client, rounds):
             seconds.append(secs)
             accuracy = acc
         if device == "cuda":

@@ -212,6 +212,22 @@ def check_per_client_models(cfg: FedkdConfig) -> None:
                           f"methods that allow per-client models: {', '.join(allowed)}")
 
 
+def check_device(cfg: FedkdConfig) -> None:
+    """`device.type=cuda` can work: there is a GPU to start the local Ray cluster on, and each
+    client asks Ray for a GPU share (Ray hides the GPUs from actors that ask for none)."""
+    import torch
+
+    if cfg.device.type != "cuda":
+        return
+    if not cfg.simulation.ray_address and not torch.cuda.is_available():
+        raise ConfigError("device.type", "cuda", "no CUDA device on this machine (torch.cuda.is_available() "
+                          "is False); use cpu or auto, or join a GPU cluster with simulation.ray_address")
+    if cfg.simulation.client_gpus == 0:
+        raise ConfigError("simulation.client_gpus", cfg.simulation.client_gpus,
+                          "device.type=cuda needs a GPU share per client (Ray hides the GPUs from "
+                          "clients that ask for none), e.g. simulation.client_gpus=0.25")
+
+
 def validate(cfg: FedkdConfig) -> None:
     """Every name and cross-section rule, before any simulation starts."""
     from fedkd.data import check_available
@@ -222,6 +238,7 @@ def validate(cfg: FedkdConfig) -> None:
     check_choice("model.name", cfg.model.name, MODELS)
     check_method(cfg)
     check_per_client_models(cfg)
+    check_device(cfg)
     check_available(cfg.data)
     for pid in cfg.faults.clients:
         if not 0 <= pid < cfg.data.num_clients:

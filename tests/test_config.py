@@ -56,6 +56,21 @@ def test_bad_values_name_key_value_and_allowed(override: str, key: str, fragment
     assert "\n" not in message
 
 
+def test_cuda_needs_a_device_here_and_a_gpu_share_per_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^device.type='cuda': no CUDA device"):
+        load_config(QUICKSTART, ["device.type=cuda", "simulation.client_gpus=0.5"])
+    # a remote cluster may have GPUs this machine lacks
+    load_config(QUICKSTART, ["device.type=cuda", "simulation.client_gpus=0.5",
+                             "simulation.ray_address=10.0.0.1:6379"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"^simulation.client_gpus=0.0: device.type=cuda needs"):
+        load_config(QUICKSTART, ["device.type=cuda"])
+    assert load_config(QUICKSTART, ["device.type=cuda", "simulation.client_gpus=0.25"]).device.type == "cuda"
+
+
 def test_strategy_options_are_checked_against_flower_signature() -> None:
     cfg = load_config(QUICKSTART, ["strategy.name=fedprox", "strategy.proximal_mu=0.5"])
     assert cfg.strategy["proximal_mu"] == 0.5
