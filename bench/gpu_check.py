@@ -11,7 +11,8 @@ not bit-identical: CUDA kernels sum in another order).
     python bench/gpu_check.py configs/experiment/std-cifar10.yaml --rounds 3 \\
         --variant fedavg method.name=fedavg --variant pse method.name=pse [--json out.json]
 
-Prints per variant and device the median s/round over rounds 2..R and the last accuracy.
+Prints per variant and device the median s/round over rounds 2..R (a train call's seconds end with
+the upload's copy to CPU, which waits for the GPU) and the last accuracy.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ def device_run(config: str, overrides: list[str], device: str, client: int,
         for _, secs, acc in train_alone(config, [*overrides, *device_overrides], client, rounds):
             seconds.append(secs)
             accuracy = acc
-        if device == "cuda":
-            torch.cuda.synchronize()
         return {"s_per_round": statistics.median(seconds[1:] or seconds), "accuracy": accuracy()}
     except Exception:  # one method failing on cuda is a finding, not the end of the check
         return {"error": traceback.format_exc()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -215,8 +216,6 @@ def check_per_client_models(cfg: FedkdConfig) -> None:
 def check_device(cfg: FedkdConfig) -> None:
     """`device.type=cuda` can work: there is a GPU to start the local Ray cluster on, and each
     client asks Ray for a GPU share (Ray hides the GPUs from actors that ask for none)."""
-    import torch
-
     if cfg.device.type != "cuda":
         return
     if not cfg.simulation.ray_address and not torch.cuda.is_available():
