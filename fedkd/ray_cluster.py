@@ -95,12 +95,27 @@ def warm_ray(enabled: bool = True, num_cpus: int | None = None) -> Iterator[str 
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs; a zombie (killed, not yet reaped) does not."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # also when it is reaped between the lookup and the status read
+        return False
+
+
 def reap_when_orphaned(parent: int, temp_dir: str, poll_s: float = 1.0) -> None:
-    """Watchdog: stop the cluster under `temp_dir` once process `parent` is gone."""
-    while psutil.pid_exists(parent) and psutil.Process(parent).status() != psutil.STATUS_ZOMBIE:
-        time.sleep(poll_s)
-    _stop(temp_dir)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    """Watchdog: stop the cluster under `temp_dir` once process `parent` is gone.
+
+    The stop sits in `finally`: an error in the wait must not end the watchdog alone. (A parent
+    reaped between `pid_exists` and `status()` once raised NoSuchProcess here, and CI saw the
+    cluster outlive its killed driver.)
+    """
+    try:
+        while _running(parent):
+            time.sleep(poll_s)
+    finally:
+        _stop(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,8 @@ import time
 import psutil
 import pytest
 
-from fedkd.ray_cluster import cluster_processes
-
-pytestmark = pytest.mark.e2e
+from fedkd import ray_cluster
+from fedkd.ray_cluster import cluster_processes, reap_when_orphaned
 
 STARTER = """
 import sys, time
@@ -35,6 +34,7 @@ def watchdog_of(driver: int) -> psutil.Process:
     raise AssertionError(f"no watchdog for driver {driver}")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_killed_driver_does_not_leave_its_cluster_running(sig: signal.Signals) -> None:
     """SIGKILL runs no `finally`. SIGTERM starts the driver's own stop, which Ray's handler cuts
@@ -54,3 +54,39 @@ def test_a_killed_driver_does_not_leave_its_cluster_running(sig: signal.Signals)
     finally:
         if starter.poll() is None:
             starter.kill()
+
+
+def _stand_in_cluster(temp_dir: str) -> subprocess.Popen:
+    """A process whose command line names `temp_dir`, as every process of a real cluster does."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", temp_dir])
+
+
+def _gone_pid() -> int:
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()  # exited and reaped
+    return done.pid
+
+
+@pytest.mark.parametrize("wait_fails", [False, True], ids=["parent-gone", "wait-raises"])
+def test_the_watchdog_stops_the_cluster_even_when_its_wait_fails(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, wait_fails: bool
+) -> None:
+    """A parent reaped between two psutil reads made the wait raise, and the watchdog ended
+    without stopping the cluster (seen on CI). The stop must run however the wait ends."""
+    temp_dir = str(tmp_path / "fedkd-ray-standin")
+    cluster = _stand_in_cluster(temp_dir)
+    try:
+        if wait_fails:
+            def vanished(pid: int) -> bool:
+                raise psutil.NoSuchProcess(pid)
+
+            monkeypatch.setattr(ray_cluster, "_running", vanished)
+            with pytest.raises(psutil.NoSuchProcess):
+                reap_when_orphaned(_gone_pid(), temp_dir, poll_s=0.01)
+        else:
+            reap_when_orphaned(_gone_pid(), temp_dir, poll_s=0.01)
+        assert cluster.wait(timeout=10) is not None
+        assert not cluster_processes(temp_dir)
+    finally:
+        if cluster.poll() is None:
+            cluster.kill()
