@@ -238,10 +238,18 @@ def grid_entropies(e_clean: Tensor, e_noisy: Tensor, prototypes: Tensor, tau: fl
     return -(logp.exp() * logp).sum(-1).T
 
 
-def argmin_prefer_larger(values: Tensor) -> Tensor:
-    """Index of the minimum over the last axis; ties go to the LARGER index (larger lambda)."""
-    g = values.shape[-1]
-    return g - 1 - torch.argmin(values.flip(-1), dim=-1)
+TIE_RTOL = 1e-5  # relative: above float32 rounding of an entropy, far below a grid step's change
+
+
+def argmin_prefer_larger(values: Tensor, rtol: float = TIE_RTOL) -> Tensor:
+    """Index of the minimum over the last axis; values within `rtol` (relative) of it are ties,
+    and ties go to the LARGER index (larger lambda). The tolerance is needed because
+    lambda S + (1 - lambda) S is not bit-identical across lambda: equal students give entropies
+    that differ by rounding, and which is lowest varies by machine (an exact-tie test failed on one).
+    It is relative because confident fusions have entropies near 0 (1e-7) that still differ."""
+    lowest = values.amin(dim=-1, keepdim=True)
+    near = values <= lowest + rtol * lowest.abs()
+    return values.shape[-1] - 1 - near.flip(-1).int().argmax(dim=-1)
 
 
 class FusionResult(NamedTuple):

@@ -17,7 +17,8 @@ import torch
 from fedkd.clients import mixclap
 from fedkd.clients.base import ClientData, RoundInfo
 from fedkd.clients.mixclap import (MixAudio, MixCLAPClient, MixCLAPSettings, WaveRows,
-                                   entropy_fusion, fusion_grid, grid_entropies, parse_condition, unit)
+                                   argmin_prefer_larger, entropy_fusion, fusion_grid,
+                                   grid_entropies, parse_condition, unit)
 from fedkd.clients.staged import stage_of
 from fedkd.config import ConfigError, load_config
 from fedkd.kd import embed_cosine_loss
@@ -289,3 +290,13 @@ def test_every_stage_on_a_few_real_clips(monkeypatch: pytest.MonkeyPatch) -> Non
     assert {"teacher-accuracy-mean", "clean-student-accuracy-white0", "noisy-student-accuracy-mean",
             "fixed-half-accuracy-mean", "oracle-accuracy-mean", "teacher-ms-per-clip"} <= set(ev.metrics)
     assert ev.metrics["oracle-accuracy-mean"] >= ev.metrics["fused-accuracy-mean"] - 1e-9
+
+
+def test_argmin_prefer_larger_treats_rounding_level_differences_as_ties() -> None:
+    f64 = lambda *rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731 (1e-12 is real here)
+    rows = f64([0.5, 0.2 + 1e-12, 0.2, 0.3], [0.4, 0.1, 0.1 + 1e-3, 0.9])
+    assert argmin_prefer_larger(rows).tolist() == [2, 1]  # per row; 1e-3 is no tie
+    assert argmin_prefer_larger(f64(0.2, 0.2 + 1e-12, 0.9)).item() == 1  # a rounding-level tie
+    assert argmin_prefer_larger(f64(0.2, 0.2 + 1e-12, 0.9), rtol=0.0).item() == 0  # exact minimum
+    assert argmin_prefer_larger(f64(0.2, 0.2, 0.9), rtol=0.0).item() == 1  # an exact tie
+    assert argmin_prefer_larger(f64(3.7e-7, 9.6e-7)).item() == 0  # near-0 entropies still differ
