@@ -247,8 +247,7 @@ def argmin_prefer_larger(values: Tensor, rtol: float = TIE_RTOL) -> Tensor:
     lambda S + (1 - lambda) S is not bit-identical across lambda: equal students give entropies
     that differ by rounding, and which is lowest varies by machine (an exact-tie test failed on one).
     It is relative because confident fusions have entropies near 0 (1e-7) that still differ."""
-    lowest = values.amin(dim=-1, keepdim=True)
-    near = values <= lowest + rtol * lowest.abs()
+    near = torch.isclose(values, values.amin(dim=-1, keepdim=True), rtol=rtol, atol=0.0)
     return values.shape[-1] - 1 - near.flip(-1).int().argmax(dim=-1)
 
 
