@@ -18,11 +18,22 @@ PFLlib's reading (`../shared/specs/local-kd.md` section 2.2, TsingZ0/PFLlib clie
 
 SVD compression (spec 2.3; off by default: `compress: false` isolates the KD effect). fedkd's server
 averages tensors and never sees factors, so the codec is **simulated on the client**, losslessly
-equivalent to PFLlib's protocol:
-(a) what the client receives is replaced by reconstruct(compress(received)) before use (the server's
-    compressed broadcast); (b) what it returns is reconstruct(compress(trained mentee)) (what the
-    server would reconstruct before averaging); (c) `wire_bytes` reports the factors' size (float32),
-    so `bytes-sent` / `bytes-received` show the real communication cost.
+equivalent to the real protocol. `share` picks what is compressed:
+- `params` (PFLlib, default): (a) what the client receives is replaced by
+  reconstruct(compress(received)) before use (the server's compressed broadcast); (b) what it
+  returns is reconstruct(compress(trained mentee)) (what the server would reconstruct before
+  averaging).
+- `update` (the official code): the client keeps its last-synced mentee M in `state["synced-mentee"]`.
+  (a) It uses M + reconstruct(compress(received - M)) (the server's compressed mean update added to
+  M) and stores that as the new M; (b) it returns M + reconstruct(compress(trained - M)), so the
+  server's average is M + the mean of the reconstructed updates, the official server's mean update.
+  Exact when every client trains every round (all hold the same M, as the official code's single
+  global mentee); a client that skipped rounds receives the compressed difference from its older M
+  (the seeded init if it never synced): a catch-up delta, one compression instead of one per round.
+  The official code tests the energy with ">=" on the server and ">" on the client; fedkd uses ">"
+  on both.
+`wire_bytes` reports the factors' size (float32), so `bytes-sent` / `bytes-received` show the real
+communication cost.
 Energy of Flower round r (1-based, R = `train.rounds`): t_start + (r / R) * (t_end - t_start), so the
 last round uses t_end. A client uploads with the energy of its round; a broadcast is compressed with
 the energy of the round that aggregated it (a train message of round r carries round r-1's
@@ -40,8 +51,7 @@ factors there; `pfllib_rank_loop: true` reproduces PFLlib. Factors also cost mor
 whenever k * (m + n + 1) > m * n (5x5 conv kernels at k >= 3; a 512x1024 init at energy 0.95);
 PFLlib sends them anyway and so does fedkd (the byte counts show it).
 
-Not implemented: the official code's `share: update` mode (compressing the mentee update instead of
-its parameters); only PFLlib's parameter sharing is. Transformer attention-map losses neither.
+Not implemented: the transformer attention-map losses (fedkd's models are not transformers).
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ from fedkd.kd import fedkd_losses
 from fedkd.models import MODELS, FedModel, build_model
 
 MENTOR, MENTEE, W_H = "mentor", "mentee", "w_h"  # ModuleDict keys; MENTOR and W_H also state keys
+SYNCED = "synced-mentee"  # state key: the last-synced mentee of `share: update`
 FACTOR_BYTES = 4  # factors travel as float32
 
 
@@ -71,6 +82,7 @@ class FedKDMentorSettings:
     max_grad_norm: float = setting(10.0, gt=0.0)  # PFLlib clips mentor, mentee, W_h separately
     aggregation: str = setting("uniform", choices=("uniform", "examples"))  # PFLlib: uniform 1/|S|
     compress: bool = False  # simulate the SVD codec (off: full mentee, isolates the KD effect)
+    share: str = setting("params", choices=("params", "update"))  # codec input: PFLlib / official
     t_start: float = setting(0.95, gt=0.0, max=1.0)  # SVD energy at round 0 (PFLlib -Ts)
     t_end: float = setting(0.98, gt=0.0, max=1.0)  # SVD energy at the last round (PFLlib -Te)
     svd_mode: str = setting("pfllib", choices=("pfllib", "matrix"))
@@ -243,17 +255,21 @@ class FedKDMentorClient(ClientAlgorithm):
         s = self.settings
         return energy_at(server_round, self.cfg.train.rounds, s.t_start, s.t_end)
 
-    def round_trip(self, arrays: Arrays, energy: float | None) -> Arrays:
-        """What the other side ends up with: reconstruct(compress(arrays)); `energy` None = raw.
-        Identity when compression is off. Records the wire size for `wire_bytes`."""
+    def round_trip(self, arrays: Arrays, energy: float | None, base: Arrays | None = None) -> Arrays:
+        """What the other side ends up with: reconstruct(compress(arrays)), or with a `base` (`share:
+        update`) base + reconstruct(compress(arrays - base)); `energy` None = raw. Identity when
+        compression is off. Records the wire size for `wire_bytes`."""
         if not self.settings.compress:
             return arrays
         if energy is None:
             out, size = arrays, _raw_bytes(arrays)
         else:
-            factors = compress_arrays(arrays, energy, self.settings.svd_mode,
+            delta = arrays if base is None else {k: t - base[k] for k, t in arrays.items()}
+            factors = compress_arrays(delta, energy, self.settings.svd_mode,
                                       pfllib_loop=self.settings.pfllib_rank_loop)
             out, size = reconstruct_arrays(factors), wire_size(factors)
+            if base is not None:
+                out = {k: base[k] + t for k, t in out.items()}
         # both sides of the trip: wire_bytes sees the received message before the codec and the
         # returned one after it
         self._sizes = [*self._sizes[-2:], (arrays, size), (out, size)]
@@ -277,13 +293,20 @@ class FedKDMentorClient(ClientAlgorithm):
 
     # -- state
 
+    def synced(self, state: dict[str, Any]) -> Arrays | None:
+        """The base `share: update` compresses against (None in `params` mode or uncompressed)."""
+        if not (self.settings.compress and self.settings.share == "update"):
+            return None
+        return state.get(SYNCED) or self._init[MENTEE]
+
     def load(self, received: Arrays, state: dict[str, Any], broadcast_round: int) -> nn.ModuleDict:
         """Mentor and W_h from the state (seeded init before the first round), mentee from the
         server's broadcast (aggregated in `broadcast_round`; 0 = the initial mentee, used raw)."""
         self.mentor.load_state_dict(state.get(MENTOR) or self._init[MENTOR])
         self.nets[W_H].load_state_dict(state.get(W_H) or self._init[W_H])
         energy = self.energy(broadcast_round) if broadcast_round > 0 else None
-        self.mentee.load_state_dict({**self._init[MENTEE], **self.round_trip(received, energy)})
+        mentee = self.round_trip(received, energy, self.synced(state))
+        self.mentee.load_state_dict({**self._init[MENTEE], **mentee})
         return self.nets
 
     # -- the method
@@ -291,6 +314,8 @@ class FedKDMentorClient(ClientAlgorithm):
     def train(self, received: Arrays, state: dict[str, Any], data: ClientData,
               info: RoundInfo) -> TrainResult:
         nets = self.load(received, state, info.server_round - 1)
+        if self.synced(state) is not None:  # the mentee just synced is the update's base
+            state[SYNCED] = {k: v.detach().clone() for k, v in self.mentee.state_dict().items()}
         reduction = self.settings.kl_reduction
         mentee_sums = {"loss": 0.0, "correct": 0.0, "seen": 0}
 
@@ -313,7 +338,7 @@ class FedKDMentorClient(ClientAlgorithm):
         metrics.update({"mentee-loss": mentee_sums["loss"] / seen,
                         "mentee-accuracy": mentee_sums["correct"] / seen})
         trained = {k: v.detach().clone() for k, v in self.mentee.state_dict().items()}
-        arrays = self.round_trip(trained, self.energy(info.server_round))
+        arrays = self.round_trip(trained, self.energy(info.server_round), self.synced(state))
         if self.settings.compress:
             metrics["svd-energy"] = self.energy(info.server_round)
         return TrainResult(arrays, metrics, len(data.y_train),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedkd.clients.base import RoundInfo, evaluate_model
-from fedkd.clients.fedkd_mentor import (MENTOR, W_H, FedKDMentorClient, FedKDMentorSettings,
+from fedkd.clients.fedkd_mentor import (MENTOR, SYNCED, W_H, FedKDMentorClient, FedKDMentorSettings,
                                         check_settings, compress_arrays, energy_at,
                                         reconstruct_arrays, svd_compress, svd_rank,
                                         svd_reconstruct, wire_size)
@@ -167,6 +167,56 @@ def test_compressing_client_uses_the_compressed_broadcast() -> None:
         evaluate_model(mentee, data.x_test, data.y_test).loss, abs=1e-6)
     info = RoundInfo(0, 2, 0)
     assert c.wire_bytes(received, info) == wire_size(compress_arrays(received, energy))
+
+
+def _plus(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: base[k] + delta[k] for k in base}
+
+
+def _minus(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: a[k] - b[k] for k in a}
+
+
+def test_update_sharing_follows_the_official_protocol() -> None:
+    """`share: update` on two clients that train every round: each payload is the synced mentee plus
+    the compressed update, and both clients then sync to the same mentee, the old one plus the
+    compressed mean of the reconstructed updates (the official server's broadcast)."""
+    settings = dict(compress=True, share="update", t_start=0.5, t_end=0.6)  # lossy energies
+    clients, states = [client(**settings), client(**settings)], [{}, {}]
+    data = [tiny_data(seed=1), tiny_data(seed=2)]
+    start = clients[0].initial_arrays()
+    energy = [energy_at(r, config().train.rounds, 0.5, 0.6) for r in (0, 1, 2)]
+    payloads = []
+    for c, state, d in zip(clients, states, data):
+        trained = client().train(start, {}, d, RoundInfo(0, 1, 0)).arrays  # round 1 uses the init raw
+        sent = c.train(start, state, d, RoundInfo(0, 1, 0))
+        update = compress_arrays(_minus(trained, start), energy[1])
+        expected = _plus(start, reconstruct_arrays(update))
+        for k in expected:
+            torch.testing.assert_close(sent.arrays[k], expected[k], atol=1e-5, rtol=0)
+        assert c.wire_bytes(sent.arrays, RoundInfo(0, 1, 0)) == wire_size(update)
+        assert all(torch.equal(state[SYNCED][k], start[k]) for k in start)
+        payloads.append(sent.arrays)
+    mean = {k: (payloads[0][k] + payloads[1][k]) / 2 for k in start}  # the server's uniform average
+    broadcast = compress_arrays(_minus(mean, start), energy[1])  # round 1's aggregate, re-compressed
+    synced = _plus(start, reconstruct_arrays(broadcast))
+    for c, state, d in zip(clients, states, data):
+        c.train(mean, state, d, RoundInfo(0, 2, 0))
+        for k in start:
+            torch.testing.assert_close(state[SYNCED][k], synced[k], atol=1e-5, rtol=0)
+        assert c.wire_bytes(mean, RoundInfo(0, 2, 0)) == wire_size(broadcast)
+    assert any((synced[k] - mean[k]).norm() > 0.01 * (mean[k] - start[k]).norm()  # lossy: not
+               for k in start)  # the mean itself
+
+
+def test_update_sharing_at_full_energy_is_lossless() -> None:
+    """With energy 1 the synced mentee is exactly the server's average (no compression error)."""
+    c, state, data = client(compress=True, share="update", t_start=1.0, t_end=1.0), {}, tiny_data()
+    sent = c.train(c.initial_arrays(), state, data, RoundInfo(0, 1, 0)).arrays
+    received = {k: v + 0.01 * torch.randn_like(v) for k, v in sent.items()}  # "an average"
+    c.train(received, state, data, RoundInfo(0, 2, 0))
+    for k in received:
+        torch.testing.assert_close(state[SYNCED][k], received[k], atol=1e-5, rtol=0)
 
 
 def test_a_different_mentee_architecture_is_shared_and_projected() -> None:

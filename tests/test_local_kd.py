@@ -40,9 +40,15 @@ def eval_curve(run_dir: Path) -> dict[int, float]:
     return {rnd: c / n for rnd, (c, n) in sorted(hits.items())}
 
 
-@pytest.mark.parametrize("method", KD_METHODS)
-def test_kd_method_shares_only_its_payload_and_improves(tmp_path: Path, method: str) -> None:
-    grid, cfg = in_process_run(tmp_path, f"method.name={method}", "model.name=mlp",
+# each method at its defaults, and FedKD's SVD codec compressing updates (the official protocol)
+KD_RUNS = [(m, ()) for m in KD_METHODS] + [("fedkd_mentor", ("method.compress=true",
+                                                            "method.share=update"))]
+
+
+@pytest.mark.parametrize(("method", "overrides"), KD_RUNS, ids=[" ".join((m, *o)) for m, o in KD_RUNS])
+def test_kd_method_shares_only_its_payload_and_improves(tmp_path: Path, method: str,
+                                                        overrides: tuple[str, ...]) -> None:
+    grid, cfg = in_process_run(tmp_path, f"method.name={method}", *overrides, "model.name=mlp",
                                "data.num_clients=2", "train.fraction_clients=1.0", "train.rounds=3")
     runtime = ClientRuntime(cfg, tmp_path / "state")
     shared = set(runtime.algorithm.initial_arrays())
