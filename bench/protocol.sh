@@ -24,6 +24,7 @@ others() {  # others SETTING SEEDS
   sweep "$cfg" method.name=fedbn,fedavg model.name=cnn_bn --seeds "$2" --out "$out"
   sweep "$cfg" method.name=$KD --seeds "$2" --out "$out"
   sweep "$cfg" method.name=fedkd_mentor method.compress=true --seeds "$2" --out "$out"
+  sweep "$cfg" method.name=fedkd_mentor method.compress=true method.share=update --seeds "$2" --out "$out"
 }
 cifar10() {  # cifar10 MODEL: 10 clients, 5k colour images; PSE's excitation must show there too
   sweep configs/experiment/std-cifar10.yaml method.name=$HEADLINE model.name=$1 --seeds 0 \
