@@ -293,11 +293,10 @@ class FedKDMentorClient(ClientAlgorithm):
 
     # -- state
 
-    def synced(self, state: dict[str, Any]) -> Arrays | None:
-        """The base `share: update` compresses against (None in `params` mode or uncompressed)."""
-        if not (self.settings.compress and self.settings.share == "update"):
-            return None
-        return state.get(SYNCED) or self._init[MENTEE]
+    @property
+    def shares_updates(self) -> bool:
+        """The codec compresses updates against the last-synced mentee (`share: update`)."""
+        return self.settings.compress and self.settings.share == "update"
 
     def load(self, received: Arrays, state: dict[str, Any], broadcast_round: int) -> nn.ModuleDict:
         """Mentor and W_h from the state (seeded init before the first round), mentee from the
@@ -305,7 +304,8 @@ class FedKDMentorClient(ClientAlgorithm):
         self.mentor.load_state_dict(state.get(MENTOR) or self._init[MENTOR])
         self.nets[W_H].load_state_dict(state.get(W_H) or self._init[W_H])
         energy = self.energy(broadcast_round) if broadcast_round > 0 else None
-        mentee = self.round_trip(received, energy, self.synced(state))
+        base = (state.get(SYNCED) or self._init[MENTEE]) if self.shares_updates else None
+        mentee = self.round_trip(received, energy, base)
         self.mentee.load_state_dict({**self._init[MENTEE], **mentee})
         return self.nets
 
@@ -314,8 +314,9 @@ class FedKDMentorClient(ClientAlgorithm):
     def train(self, received: Arrays, state: dict[str, Any], data: ClientData,
               info: RoundInfo) -> TrainResult:
         nets = self.load(received, state, info.server_round - 1)
-        if self.synced(state) is not None:  # the mentee just synced is the update's base
-            state[SYNCED] = {k: v.detach().clone() for k, v in self.mentee.state_dict().items()}
+        base = None  # the update's base: the mentee just synced
+        if self.shares_updates:
+            base = state[SYNCED] = {k: v.detach().clone() for k, v in self.mentee.state_dict().items()}
         reduction = self.settings.kl_reduction
         mentee_sums = {"loss": 0.0, "correct": 0.0, "seen": 0}
 
@@ -338,7 +339,7 @@ class FedKDMentorClient(ClientAlgorithm):
         metrics.update({"mentee-loss": mentee_sums["loss"] / seen,
                         "mentee-accuracy": mentee_sums["correct"] / seen})
         trained = {k: v.detach().clone() for k, v in self.mentee.state_dict().items()}
-        arrays = self.round_trip(trained, self.energy(info.server_round), self.synced(state))
+        arrays = self.round_trip(trained, self.energy(info.server_round), base)
         if self.settings.compress:
             metrics["svd-energy"] = self.energy(info.server_round)
         return TrainResult(arrays, metrics, len(data.y_train),
