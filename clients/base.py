@@ -242,6 +242,12 @@ def train_epochs(model: nn.Module, data: ClientData, cfg: FedkdConfig, generator
     return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1)}
 
 
+def copy_state(module: nn.Module) -> Arrays:
+    """A copy of `module`'s state dict that later training steps leave unchanged (to keep in the
+    client state, send, or restore from)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 class PrivateModel:
     """A model that only ever lives in the client state (Ditto's personal model, FML's local
     model, FedKD's mentor, a local/FedProto client's whole model): loaded from `state[key]`,
@@ -259,7 +265,7 @@ class PrivateModel:
         """This client's model of architecture `name` (returned as the FedModel it is)."""
         if name not in self._models:
             self._models[name] = self.build(name)
-            self._inits[name] = {k: v.clone() for k, v in self._models[name].state_dict().items()}
+            self._inits[name] = copy_state(self._models[name])
         model = self._current = self._models[name]
         model.load_state_dict(state.get(self.key) or self._inits[name])
         return model
@@ -267,7 +273,7 @@ class PrivateModel:
     def save(self, state: dict[str, Any]) -> None:
         """Store the model last loaded (after training it) in `state[key]`."""
         assert self._current is not None, "load() before save()"
-        state[self.key] = {k: v.detach().clone() for k, v in self._current.state_dict().items()}
+        state[self.key] = copy_state(self._current)
 
 
 class PersonalModelOnly(ClientAlgorithm):
@@ -325,7 +331,7 @@ class PartialSharing(ClientAlgorithm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.model = self.build_model()
-        self._init_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self._init_state = copy_state(self.model)
         self.personal_keys = [k for k in self._init_state if self.is_personal(k)]
         self.shared_keys = [k for k in self._init_state if k not in set(self.personal_keys)]
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fedkd.taskdata.avmnist  # noqa: F401  (registers the "avmnist" dataset)
-from fedkd.clients.base import Arrays, ClientData, EvalResult, RoundInfo, train_epochs
+from fedkd.clients.base import Arrays, ClientData, EvalResult, RoundInfo, copy_state, train_epochs
 from fedkd.clients.staged import StagedMethod, Stages, stage_of
 from fedkd.config import ConfigError, FedkdConfig, data_dir, setting
 from fedkd.kd import (clamp_log_vars, combine_channels, feature_distance, kd_loss,
@@ -331,10 +331,6 @@ class BetaKDClient(StagedMethod):
             v.load_state_dict(state.get(f"variant-{name}") or self._init[f"variant-{name}"])
         return self.variants
 
-    @staticmethod
-    def _snapshot(module: nn.Module) -> Arrays:
-        return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
     # -- teacher outputs -----------------------------------------------------------------------
     @torch.no_grad()
     def teacher_outputs(self, x: Tensor, batch_size: int = 500) -> TeacherOutputs:
@@ -397,7 +393,7 @@ class BetaKDClient(StagedMethod):
                                objective=objective, state=state, optimizer_key="optimizer-teachers")
         n = max(len(data.y_train), 1)
         metrics.update({f"teacher-{t}-loss": v / n for t, v in ce_sums.items()})
-        state["teachers"] = self._snapshot(teachers)
+        state["teachers"] = copy_state(teachers)
         return metrics, dict(state["teachers"])
 
     def student_objective(self, logs: dict[str, list[Tensor]]) -> Any:
@@ -440,7 +436,7 @@ class BetaKDClient(StagedMethod):
         metrics.update(self._round_logs(logs))
         metrics.update(self._instance_split(data))
         for name, v in variants.items():
-            state[f"variant-{name}"] = self._snapshot(v)
+            state[f"variant-{name}"] = copy_state(v)
         return metrics, dict(state[f"variant-{self.settings.headline}"])
 
     def _round_logs(self, logs: dict[str, list[Tensor]]) -> dict[str, float]:

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from fedkd.clients.base import (Arrays, ClientAlgorithm, ClientData, EvalResult, RoundInfo,
-                                TrainResult, evaluate_model, train_epochs)
+                                TrainResult, copy_state, evaluate_model, train_epochs)
 from fedkd.config import ConfigError, FedkdConfig, setting
 from fedkd.kd import fedkd_losses
 from fedkd.models import MODELS, FedModel, build_model
@@ -228,8 +228,7 @@ class FedKDMentorClient(ClientAlgorithm):
             torch.manual_seed(seed + 1)
             w_h = nn.Linear(mentee.feature_dim, mentor.feature_dim, bias=False).to(self.device)
         self.nets = nn.ModuleDict({MENTOR: mentor, MENTEE: mentee, W_H: w_h})
-        self._init = {name: {k: v.detach().clone() for k, v in net.state_dict().items()}
-                      for name, net in self.nets.items()}
+        self._init = {name: copy_state(net) for name, net in self.nets.items()}
         # (arrays, bytes) of the last codec round trips, for wire_bytes (see there)
         self._sizes: list[tuple[Arrays, int]] = []
 
@@ -316,7 +315,7 @@ class FedKDMentorClient(ClientAlgorithm):
         nets = self.load(received, state, info.server_round - 1)
         base = None  # the update's base: the mentee just synced
         if self.shares_updates:
-            base = state[SYNCED] = {k: v.detach().clone() for k, v in self.mentee.state_dict().items()}
+            base = state[SYNCED] = copy_state(self.mentee)
         reduction = self.settings.kl_reduction
         mentee_sums = {"loss": 0.0, "correct": 0.0, "seen": 0}
 
@@ -334,11 +333,11 @@ class FedKDMentorClient(ClientAlgorithm):
                                lr={MENTEE: self.settings.mentee_lr},
                                max_grad_norm={MENTOR: clip, MENTEE: clip, W_H: clip}, state=state)
         for name in (MENTOR, W_H):
-            state[name] = {k: v.detach().clone() for k, v in nets[name].state_dict().items()}
+            state[name] = copy_state(nets[name])
         seen = max(int(mentee_sums["seen"]), 1)
         metrics.update({"mentee-loss": mentee_sums["loss"] / seen,
                         "mentee-accuracy": mentee_sums["correct"] / seen})
-        trained = {k: v.detach().clone() for k, v in self.mentee.state_dict().items()}
+        trained = copy_state(self.mentee)
         arrays = self.round_trip(trained, self.energy(info.server_round), base)
         if self.settings.compress:
             metrics["svd-energy"] = self.energy(info.server_round)

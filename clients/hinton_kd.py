@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedkd.clients.base import (Arrays, ClientData, EvalResult, RoundInfo, evaluate_model,
-                                train_epochs)
+from fedkd.clients.base import (Arrays, ClientData, EvalResult, RoundInfo, copy_state,
+                                evaluate_model, train_epochs)
 from fedkd.clients.staged import StagedMethod, Stages, stage_of
 from fedkd.config import setting
 from fedkd.kd import soft_hard_loss
@@ -69,7 +69,7 @@ class HintonKDClient(StagedMethod):
         return model  # type: ignore[return-value]
 
     def _save(self, name: str, state: dict[str, Any]) -> Arrays:
-        state[name] = {k: v.detach().clone() for k, v in self.nets[name].state_dict().items()}
+        state[name] = copy_state(self.nets[name])
         return state[name]
 
     def train_stage(self, stage: str, state: dict[str, Any], data: ClientData,

@@ -64,8 +64,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedkd.clients.base import (Arrays, ClientData, EvalResult, PartialSharing, PrivateModel,
-                                RoundInfo, TrainResult, batches, evaluate_model, proximal_term,
-                                train_epochs)
+                                RoundInfo, TrainResult, batches, copy_state, evaluate_model,
+                                proximal_term, train_epochs)
 from fedkd.config import ConfigError, FedkdConfig, setting
 from fedkd.kd import kd_loss
 from fedkd.models import FedModel, build_model, check_prefixes, under
@@ -411,10 +411,6 @@ def check_settings(cfg: FedkdConfig, settings: PSESettings) -> None:
 # ---- the client -------------------------------------------------------------------------------
 
 
-def _clone(module: nn.Module) -> Arrays:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 class PSEClient(PartialSharing):
     """The shared model is the global copy (everything shared); the local model, A and h live in
     the client state (`local-model`, `attention`, `personal-head`, `excitation`)."""
@@ -434,9 +430,9 @@ class PSEClient(PartialSharing):
             self.personal_head = nn.Linear(dim, self.num_classes).to(self.device)
             self.attention = (CrossModelAttention(dim, s.heads, s.mlp_ratio, s.final_norm)
                               .to(self.device) if s.attention else None)
-        self._init_private = {PERSONAL_HEAD: _clone(self.personal_head)}
+        self._init_private = {PERSONAL_HEAD: copy_state(self.personal_head)}
         if self.attention is not None:
-            self._init_private[ATTENTION] = _clone(self.attention)
+            self._init_private[ATTENTION] = copy_state(self.attention)
 
     # -- loading
 
@@ -538,10 +534,10 @@ class PSEClient(PartialSharing):
                                objective=objective, lr=lr, state=state,
                                optimizer_key=PERSONAL_OPTIMIZER)
         self.local.save(state)
-        state[ROUND_START_GLOBAL] = _clone(snapshot)
-        state[PERSONAL_HEAD] = _clone(self.personal_head)
+        state[ROUND_START_GLOBAL] = copy_state(snapshot)
+        state[PERSONAL_HEAD] = copy_state(self.personal_head)
         if self.attention is not None:
-            state[ATTENTION] = _clone(self.attention)
+            state[ATTENTION] = copy_state(self.attention)
         metrics.update({f"personal-{k}": v for k, v in trained.items()})
         return metrics
 

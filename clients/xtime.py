@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 import fedkd.taskdata.ett  # noqa: F401  (registers the etth1 / etth2 datasets)
-from fedkd.clients.base import Arrays, ClientData, EvalResult, RoundInfo, train_epochs
+from fedkd.clients.base import Arrays, ClientData, EvalResult, RoundInfo, copy_state, train_epochs
 from fedkd.clients.staged import StagedMethod, Stages, stage_of
 from fedkd.config import ConfigError, FedkdConfig, setting
 from fedkd.kd import feature_distance
@@ -221,8 +221,8 @@ class XTimeClient(StagedMethod):
         self.nets = nn.ModuleDict({n: _clone(expert) for n in names})
         self.nets["router"], self.nets["nokd_router"] = _clone(router), _clone(router)
         self.nets.to(self.device)
-        self._expert_init = _copy_state(expert)
-        self._router_init = _copy_state(router)
+        self._expert_init = copy_state(expert)
+        self._router_init = copy_state(router)
         self._stage_end = _stage_ends(self.stages(s))
 
     # --- the state store --------------------------------------------------------------------
@@ -248,7 +248,7 @@ class XTimeClient(StagedMethod):
     def _save(self, name: str, state: dict[str, Any]) -> dict[str, Tensor]:
         if name in state.get(FROZEN, []):
             raise RuntimeError(f"{name} is frozen: its stage has ended")
-        state[name] = _copy_state(self.nets[name])
+        state[name] = copy_state(self.nets[name])
         return state[name]
 
     def _require_frozen(self, names: list[str], state: dict[str, Any], stage: str) -> None:
@@ -462,10 +462,6 @@ class _Sums:
 
 def _clone(model: FedModel) -> FedModel:
     return copy.deepcopy(model)
-
-
-def _copy_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _stage_ends(stages: Stages) -> dict[str, int]:

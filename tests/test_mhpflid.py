@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from fedkd.clients.base import Arrays, ClientData, RoundInfo, TrainResult
+from fedkd.clients.base import Arrays, ClientData, RoundInfo, TrainResult, copy_state
 from fedkd.clients.mhpflid import (LOCAL_MODEL, MESSENGER, RECEIVER, TRANSMITTER, BridgedMessenger,
                                    MHPFLIDClient, MHPFLIDSettings, check_settings,
                                    distillation_loss)
@@ -27,10 +27,6 @@ def client(per_client: list[str], messenger: str = "mlp", **settings: Any) -> MH
     cfg.model.name = messenger
     cfg.model.per_client = per_client
     return MHPFLIDClient(cfg, MHPFLIDSettings(**settings), (1, 8, 8), 2, CPU)
-
-
-def snapshot(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def same(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
@@ -50,10 +46,10 @@ def test_frozen_model_is_bit_identical_after_the_stage_that_freezes_it() -> None
     c, state, data, info = client(["resnet8"], messenger="cnn_bn"), {}, tiny_data(), RoundInfo(0, 1, 0)
     received = c.initial_arrays()
     nets = c.modules(received, state, info)
-    before = {name: snapshot(nets[name]) for name in (LOCAL_MODEL, RECEIVER, TRANSMITTER)}
+    before = {name: copy_state(nets[name]) for name in (LOCAL_MODEL, RECEIVER, TRANSMITTER)}
 
     c.injection(nets, state, data, info)
-    injected = {name: snapshot(nets[name]) for name in nets}
+    injected = {name: copy_state(nets[name]) for name in nets}
     assert same(injected[MESSENGER], received)
     assert same(injected[TRANSMITTER], before[TRANSMITTER])
     assert not same(injected[LOCAL_MODEL], before[LOCAL_MODEL])
@@ -62,7 +58,7 @@ def test_frozen_model_is_bit_identical_after_the_stage_that_freezes_it() -> None
                for k, v in injected[LOCAL_MODEL].items())  # the local BN did learn statistics
 
     c.distillation(nets, state, data, info)
-    distilled = {name: snapshot(nets[name]) for name in nets}
+    distilled = {name: copy_state(nets[name]) for name in nets}
     assert same(distilled[LOCAL_MODEL], injected[LOCAL_MODEL])
     assert same(distilled[RECEIVER], injected[RECEIVER])
     assert not same(distilled[MESSENGER], received)
