@@ -17,10 +17,12 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
+from fedkd.checkpoint import Checkpoint, restore_server
 from fedkd.config import FedkdConfig, load_config
 from fedkd.recorder import Recorder
 from fedkd.runtime import runtime_for
 from fedkd.server import build_strategy
+from fedkd.strategies.resumable import Resumable
 from fedkd.wire import (CONFIG_KEY, MODE_KEY, PIDS_KEY, STATE_DIR_KEY, GroupReply,
                         arrays_to_tensors)
 
@@ -51,27 +53,35 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _serve_group(msg, "evaluate")
 
 
-def run_server(grid: Grid, cfg: FedkdConfig, run_dir: Path, recorder: Recorder) -> Result:
-    """The whole federated run on the server side; returns Flower's Result."""
-    strategy, initial, evaluate_fn = build_strategy(cfg, recorder)
+def run_server(grid: Grid, cfg: FedkdConfig, run_dir: Path, recorder: Recorder,
+               resume: Checkpoint | None = None) -> Result:
+    """The whole federated run on the server side (continued after `resume`'s round when
+    given); returns Flower's Result. Checkpoints are written as the rounds end."""
+    grouped, initial, evaluate_fn = build_strategy(cfg, recorder)
+    done = resume.round if resume else 0
+    strategy = Resumable(grouped, run_dir, recorder, cfg.checkpoint.every, offset=done)
+    if resume is not None:
+        restore_server(resume, strategy.strategies())
+        initial = resume.arrays
     run_config = ConfigRecord({STATE_DIR_KEY: str(run_dir / "state")})
     try:
         return strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
-                              num_rounds=cfg.train.rounds, timeout=cfg.simulation.timeout,
+                              num_rounds=cfg.train.rounds - done, timeout=cfg.simulation.timeout,
                               train_config=run_config, evaluate_config=ConfigRecord(dict(run_config)),
-                              evaluate_fn=evaluate_fn)
+                              evaluate_fn=strategy.evaluation_hook(evaluate_fn))
     finally:
-        strategy.finish_round()
+        grouped.finish_round()
 
 
 def build_server_app(cfg: FedkdConfig, run_dir: Path, recorder: Recorder,
-                     results: dict) -> ServerApp:
-    """A ServerApp for one run; Flower's Result lands in `results["result"]`."""
+                     results: dict, resume: Checkpoint | None = None) -> ServerApp:
+    """A ServerApp for one run (continued after `resume`); Flower's Result lands in
+    `results["result"]`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        results["result"] = run_server(grid, cfg, run_dir, recorder)
+        results["result"] = run_server(grid, cfg, run_dir, recorder, resume)
 
     return app
 

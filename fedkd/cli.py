@@ -6,7 +6,6 @@ import argparse
 import itertools
 import json
 import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -49,12 +48,26 @@ def _report_failures(run_dir: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedkd.simulation import run_experiment
+    from fedkd.rundir import read_run_info
+    from fedkd.simulation import resume_experiment, run_experiment
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = run_experiment(cfg, args.run_dir, quiet=args.quiet)
+    if args.resume:
+        if args.run_dir:
+            raise UsageError("--resume RUN_DIR names the run directory; drop --run-dir")
+        # with --resume every positional is an override (the config is the run's own)
+        overrides = [args.config, *args.overrides] if args.config else args.overrides
+        run_dir = resume_experiment(args.resume, overrides, quiet=args.quiet)
+    else:
+        if not args.config:
+            raise UsageError("fedkd run needs a CONFIG (or --resume RUN_DIR)")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = run_experiment(cfg, args.run_dir, quiet=args.quiet)
     _report_failures(run_dir)
     _print_result(run_dir)
+    info = read_run_info(run_dir)
+    if info.get("status") != "complete":
+        err.print(f"[red]run {info.get('status')}: {info.get('status_reason')}[/]")
+        return 1
     return 0
 
 
@@ -72,7 +85,8 @@ def parse_grid(items: Sequence[str]) -> list[list[str]]:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fedkd.ray_cluster import warm_ray
     from fedkd.report import sweep_table
-    from fedkd.simulation import run_experiment
+    from fedkd.rundir import FINISHED, RUN_INFO, run_status
+    from fedkd.simulation import resume_experiment, run_experiment
 
     seeds = [int(s) for s in args.seeds.split(",")]
     grid = parse_grid(args.grid)
@@ -96,9 +110,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                     cfg.simulation.ray_address = address
                 err.print(f"[bold]{label} seed {seed}[/]")
                 run_dir = out / label / f"seed{seed}"
-                if run_dir.exists():
-                    shutil.rmtree(run_dir)  # an interrupted run restarts cleanly
-                run_experiment(cfg, run_dir, quiet=args.quiet)
+                if (run_dir / RUN_INFO).exists():  # an earlier sweep's run: continue it
+                    if run_status(run_dir) not in FINISHED:
+                        resume_experiment(run_dir, quiet=args.quiet, ray_address=address or "")
+                else:
+                    if run_dir.exists():
+                        shutil.rmtree(run_dir)  # holds no run (cut before it was created)
+                    run_experiment(cfg, run_dir, quiet=args.quiet)
                 shutil.copyfile(run_dir / "summary.json", result)
             rows.append({"run": label, "seed": seed, **json.loads(result.read_text())})
     print(sweep_table(rows))
@@ -156,10 +174,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedkd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run one experiment: CONFIG [key=value ...]")
-    p.add_argument("config", help="YAML file, e.g. configs/experiment/quickstart.yaml")
+    p = sub.add_parser("run", help="run one experiment: CONFIG [key=value ...], or continue one: "
+                                   "--resume RUN_DIR [train.rounds=N]")
+    p.add_argument("config", nargs="?", help="YAML file, e.g. configs/experiment/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. strategy.name=fedprox")
-    p.add_argument("--run-dir", help="where to write the run (default <output_dir>/<name>-<time>)")
+    p.add_argument("--run-dir", help="where to write the run (default <output_dir>/<name>-<time>); "
+                                     "must not hold a run already")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an unfinished run from its last checkpoint (train.rounds=N extends it)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("sweep", help="grid of runs x seeds, resumable, one mean ± std table")
@@ -186,17 +208,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fedkd.checkpoint import CheckpointError
     from fedkd.data import DataError
+    from fedkd.rundir import RunDirError
+
+    from fedkd.engine import EngineError, exit_on_signals
 
     args = build_parser().parse_args(argv)
-    # `kill`/timeout send SIGTERM: exit through the context managers, so a sweep's Ray head
-    # and a run's report are cleaned up and written as on Ctrl-C
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        return args.fn(args)
-    except (ConfigError, DataError, UsageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # one line, no traceback
-        return 2
+    # Ctrl-C and `kill`/timeout (SIGTERM) unwind through the context managers, so the run's
+    # report is written and Ray (a sweep's head too) stopped; then one line, exit 128+signal
+    with exit_on_signals() as interrupted:
+        try:
+            return args.fn(args)
+        except (ConfigError, DataError, UsageError, RunDirError, CheckpointError) as exc:
+            print(f"error: {exc}", file=sys.stderr)  # one line, no traceback
+            return 2
+        except EngineError as exc:  # e.g. no client actor could be placed
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return interrupted.code or 130
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -95,7 +97,9 @@ class TrainConfig:
     local_epochs: int = setting(1, min=1)
     batch_size: int = setting(10, min=1)
     optimizer: str = setting("sgd", choices=("sgd", "adam"))
-    lr: float = setting(0.01, gt=0.0)
+    # upper bound: SGD/Adam diverge to NaN long before lr 10 on any model here; a larger value is a
+    # typo (1e30, 1e3 for 1e-3), caught now instead of after a run of NaN losses
+    lr: float = setting(0.01, gt=0.0, max=10.0)
     momentum: float = setting(0.0, min=0.0, lt=1.0)
     weight_decay: float = setting(0.0, min=0.0)
     fraction_clients: float = setting(1.0, gt=0.0, max=1.0)
@@ -129,11 +133,78 @@ class DeviceConfig:
 
 @dataclass
 class FaultConfig:
-    """Deliberate client failures, to exercise failure handling."""
+    """Deliberate client faults, for tests and demos of failure handling (none while `clients` is
+    empty). A listed client misbehaves in the listed `rounds` (every round when empty) of `phase`,
+    each time with `probability`, drawn from (experiment.seed, round, client): a run repeats exactly.
+
+    kind         what the client does
+    raise        raises InjectedFailure: recorded `failed` with its traceback (the default)
+    nan, inf     one value of every float array of its train update becomes NaN / +inf
+    shape        its first float array keeps only its first row (a wrong shape that broadcasts)
+    missing_key  its first array (by name) is left out of its train update
+    scale        its update is multiplied by `factor`: received + factor * (sent - received), or
+                 factor * sent where nothing was received (-10: a simple Byzantine client)
+    kill         its Ray worker process exits (os._exit) mid-round, as under the OOM killer; every
+                 client of that worker's group fails this round. Outside a Ray worker (in-process
+                 runs, tests) it raises InjectedFailure instead, so it never ends the driver/pytest
+    slow         sleeps `seconds` first, then works normally (to exercise simulation.timeout)
+
+    nan, inf, shape, missing_key and scale corrupt a train update: they need phase train.
+
+    What each strategy family does with each kind (updates are validated on the node first, see
+    ValidationConfig):
+
+    - raise, kill: the client fails (kill: every client of that worker's group); the round goes on
+      with the others, or is skipped when fewer than validation.min_clients updates are valid.
+    - nan, inf, shape, missing_key: rejected by validation in every family (recorded `rejected`
+      with the reason); the round goes on without that client.
+    - scale: mean-based strategies (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad) and the
+      class tables (fedproto, feddistill) fold it in (poisoned) unless validation.norm_check
+      rejects it; krum, multikrum and bulyan leave it out, fedmedian and fedtrimmedavg bound it.
+    - slow: same results; a group that misses simulation.timeout is recorded failed.
+    """
 
     clients: list[int] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
     phase: str = setting("train", choices=("train", "evaluate"))
+    kind: str = setting("raise", choices=("raise", "nan", "inf", "shape", "missing_key", "scale",
+                                          "kill", "slow"))
+    probability: float = setting(1.0, min=0.0, max=1.0)
+    factor: float = -10.0  # kind scale
+    seconds: float = setting(5.0, min=0.0)  # kind slow
+
+    def __post_init__(self) -> None:
+        if self.phase == "evaluate" and self.kind in UPDATE_FAULTS:
+            raise ConfigError("faults.kind", self.kind, "corrupts a train update: needs "
+                                                        "faults.phase=train (evaluate allows raise, kill, slow)")
+
+
+#: fault kinds that corrupt what a client sends after training
+UPDATE_FAULTS = ("nan", "inf", "shape", "missing_key", "scale")
+
+
+@dataclass
+class ValidationConfig:
+    """Checks of every client's train update on its node, before it enters any sum.
+
+    Non-finite values and arrays that differ from what the method declares for the round (keys,
+    shapes, dtypes) are always rejected. `norm_check` also rejects an update whose norm
+    ||sent - received|| exceeds `norm_factor` times the median norm of the updates accepted in the
+    previous round (the server sends it with the round's config; round 1 has none). A round with
+    fewer valid updates than `min_clients` keeps the previous global model and is recorded skipped.
+    """
+
+    min_clients: int = setting(1, min=1)
+    norm_check: bool = False
+    norm_factor: float = setting(5.0, gt=1.0)
+
+
+@dataclass
+class CheckpointConfig:
+    """When a run writes its checkpoint (see `fedkd.checkpoint`): at every evaluation round,
+    and also every `every` rounds when set (0: evaluation rounds only)."""
+
+    every: int = setting(0, min=0)
 
 
 @dataclass
@@ -148,6 +219,16 @@ class FedkdConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """nan/inf pass OmegaConf's float type and every `min`/`max` test that nan fails silently."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(key, value, "must be a finite number")
 
 
 def _check_ranges(obj: Any, prefix: str = "") -> None:
@@ -157,6 +238,7 @@ def _check_ranges(obj: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             _check_ranges(value, key + ".")
             continue
+        _check_finite(key, value)
         meta = f.metadata
         if "choices" in meta:
             check_choice(key, value, meta["choices"])
@@ -200,7 +282,42 @@ def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
     for item in items:
         if "=" not in item or item.startswith("="):
             raise ConfigError(item, item, "overrides are written key=value, e.g. data.num_clients=20")
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as exc:  # e.g. model.per_client=[cnn
+            key, _, value = item.partition("=")
+            raise ConfigError(key, value, f"not a valid value ({_yaml_problem(exc)})") from None
     return OmegaConf.from_dotlist(items)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong and where."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """One YAML file as a DictConfig; unreadable files, bad YAML and a non-mapping top level are
+    ConfigErrors naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:  # permissions, ...
+        raise ConfigError("config", str(path), f"cannot read the file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", str(path), "not a YAML file (not UTF-8 text)") from None
+    try:
+        top = yaml.compose(text, Loader=yaml.SafeLoader)
+        if top is not None and not isinstance(top, yaml.MappingNode):
+            kind = "a list" if isinstance(top, yaml.SequenceNode) else f"the value {top.value!r}"
+            raise ConfigError("config", str(path), f"the top level must be a mapping of sections "
+                                                   f"(experiment:, data:, ...), found {kind}")
+        raw = OmegaConf.create(text) if top is not None else OmegaConf.create()
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", str(path), f"not valid YAML: {_yaml_problem(exc)}") from None
+    assert isinstance(raw, DictConfig)
+    return raw
 
 
 def load_yaml(path: str | Path) -> DictConfig:
@@ -208,9 +325,10 @@ def load_yaml(path: str | Path) -> DictConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("config", str(path), "file not found")
-    raw = OmegaConf.load(path)
-    assert isinstance(raw, DictConfig)
+    raw = _read_yaml(path)
     parents = raw.pop("defaults", [])
+    if not isinstance(parents, (ListConfig, list)) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError("defaults", parents, f"in {path}: a list of YAML files, e.g. [defaults.yaml]")
     merged = OmegaConf.create()
     for parent in parents:
         parent_path = CONFIG_DIR / parent
@@ -237,8 +355,19 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc) from None
     _check_ranges(cfg)
+    for section in ("method", "strategy"):  # open dicts: their schemas live elsewhere
+        for key, value in getattr(cfg, section).items():
+            _check_finite(f"{section}.{key}", value)
+    _check_run_name(cfg.experiment.name)
     registry.validate(cfg)
     return cfg
+
+
+def _check_run_name(name: str) -> None:
+    """The name becomes a directory under experiment.output_dir: it must not lead outside it."""
+    if not name or any(bad in name for bad in ("/", "\\", "..", "\0")):
+        raise ConfigError("experiment.name", name, "a plain name without '/', '\\' or '..' "
+                                                   "(it names the run directory under experiment.output_dir)")
 
 
 def to_yaml(cfg: FedkdConfig) -> str:

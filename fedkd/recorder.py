@@ -8,12 +8,22 @@ keeps everything recorded so far.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
 _STANDARD = {"num-examples", "loss", "accuracy", "seconds", "bytes-received", "bytes-sent",
              "worker-pid"}
 Listener = Callable[[str, int, int, int], None]  # phase, round, done, expected
+
+
+def finite_json(record: dict[str, Any]) -> dict[str, Any]:
+    """Strict JSON: a NaN or infinite metric (a diverged client) becomes null, and the record
+    names those keys under `non_finite`, so the file stays valid JSON and nothing is hidden."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: (None if k in bad else v) for k, v in record.items()}, "non_finite": bad}
 
 
 class Recorder:
@@ -29,8 +39,12 @@ class Recorder:
         self._done: dict[tuple[str, int], int] = {}
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
         self._file.flush()
+
+    def position(self) -> int:
+        """Bytes written so far: where a resumed run cuts metrics.jsonl back to."""
+        return self._file.tell()
 
     def expect(self, phase: str, server_round: int, clients: int) -> None:
         """How many client records this round's phase should produce (for progress display)."""
@@ -62,6 +76,34 @@ class Recorder:
         self._done[key] = self._done.get(key, 0) + 1
         if self.listener:
             self.listener(phase, server_round, self._done[key], self._expected.get(key, 0))
+
+    def rejected(self, server_round: int, phase: str, partition_id: int,
+                 metrics: dict[str, Any] | None, reason: str) -> None:
+        """A client whose update validation refused: status "rejected", the reason under "error",
+        and the metrics of the training that produced it."""
+        m = metrics or {}
+        record = {
+            "round": server_round, "phase": phase, "partition_id": partition_id,
+            "status": "rejected", "num_examples": int(m.get("num-examples", 0)),
+            "loss": m.get("loss"), "accuracy": m.get("accuracy"),
+            "seconds": float(m.get("seconds", 0.0)),
+            "bytes_received": int(m.get("bytes-received", 0)), "bytes_sent": int(m.get("bytes-sent", 0)),
+            "worker_pid": int(m["worker-pid"]) if "worker-pid" in m else None, "error": reason,
+        }
+        record.update({k.replace("-", "_"): v for k, v in m.items() if k not in _STANDARD})
+        self.write(record)
+        key = (phase, server_round)
+        self._done[key] = self._done.get(key, 0) + 1
+        if self.listener:
+            self.listener(phase, server_round, self._done[key], self._expected.get(key, 0))
+
+    def skipped(self, server_round: int, phase: str, valid: int, required: int) -> None:
+        """A round whose aggregation did not happen: too few valid updates (the previous global
+        model is kept). One record without a partition id."""
+        self.write({"round": server_round, "phase": phase, "partition_id": None, "status": "skipped",
+                    "valid_updates": valid, "min_clients": required,
+                    "error": f"{valid} valid update(s), fewer than validation.min_clients={required}: "
+                             "the previous global model is kept"})
 
     def central(self, server_round: int, loss: float, accuracy: float, num_examples: int) -> None:
         self.write({"round": server_round, "phase": "central", "loss": loss,

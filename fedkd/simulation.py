@@ -8,33 +8,31 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from fedkd.config import FedkdConfig, to_yaml
+from fedkd.checkpoint import Checkpoint, load_checkpoint, roll_back
+from fedkd.config import ConfigError, FedkdConfig, to_yaml
 from fedkd.data import load_federated
 from fedkd.progress import RunProgress
 from fedkd.recorder import Recorder
+from fedkd.rundir import (RUN_INFO, RunDirError, RunLock, check_unused, create_run_dir,
+                          resume_config, run_status)
 
 
 def prepare_run_dir(cfg: FedkdConfig, run_dir: str | Path | None = None) -> Path:
-    """`<output_dir>/<name>-<timestamp>` unless given; holds config, partition, metrics, report."""
-    if run_dir is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.experiment.output_dir) / f"{cfg.experiment.name}-{stamp}"
-        n = 1
-        while run_dir.exists():
-            n += 1
-            run_dir = Path(cfg.experiment.output_dir) / f"{cfg.experiment.name}-{stamp}-{n}"
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    """`<output_dir>/<name>-<time>` unless given, holding config, partition and run info.
+
+    The data is loaded (and so validated) before anything is created, and the directory
+    appears whole under a unique name (`fedkd.rundir`): a bad input leaves nothing behind."""
     data = load_federated(cfg.data, cfg.experiment.seed)
     partition = {"dataset": data.dataset, "num_classes": data.num_classes,
                  "clients": [{"partition_id": i, **h} for i, h in enumerate(data.label_histograms())]}
-    (run_dir / "partition.json").write_text(json.dumps(partition))
-    return run_dir
+    if run_dir is not None:
+        check_unused(Path(run_dir))
+    files = {"config.yaml": to_yaml(cfg), "partition.json": json.dumps(partition),
+             RUN_INFO: json.dumps(run_info(cfg, "running", None), indent=2)}
+    return create_run_dir(cfg, files, Path(run_dir) if run_dir is not None else None)
 
 
 def cluster_cpus(cfg: FedkdConfig) -> float:
@@ -88,7 +86,8 @@ def quiet_flower(enabled: bool) -> Iterator[None]:
         logger.removeFilter(drop)
 
 
-def write_run_info(run_dir: Path, cfg: FedkdConfig, status: str, wall: float | None) -> None:
+def run_info(cfg: FedkdConfig, status: str, wall: float | None, reason: str | None = None) -> dict:
+    """run.json: how the run ended (and why, when it failed), which model was evaluated, when."""
     from fedkd.models import client_model_name
     from fedkd.registry import METHODS
 
@@ -100,45 +99,113 @@ def write_run_info(run_dir: Path, cfg: FedkdConfig, status: str, wall: float | N
     # each client's architecture, for the per-client report (null: the method's own models)
     models = ([client_model_name(cfg.model.name, cfg.model.per_client, pid) for pid in range(cfg.data.num_clients)]
               if client.uses_model_config else None)
-    info = {"evaluated_model": evaluates, "evaluated_when": when, "score": client.score,
-            "client_models": models, "wall_seconds": wall,
-            "status": status}
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+    return {"evaluated_model": evaluates, "evaluated_when": when, "score": client.score,
+            "client_models": models, "wall_seconds": wall, "status": status,
+            "status_reason": reason}
+
+
+def write_run_info(run_dir: Path, cfg: FedkdConfig, status: str, wall: float | None,
+                   reason: str | None = None) -> None:
+    tmp = run_dir / f".{RUN_INFO}.tmp"
+    tmp.write_text(json.dumps(run_info(cfg, status, wall, reason), indent=2))
+    os.replace(tmp, run_dir / RUN_INFO)  # a reader never sees half a status
+
+
+def judge_outcome(run_dir: Path) -> str | None:
+    """Why a run that went through all its rounds still failed (None: it did not)."""
+    from fedkd.report import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if r["phase"] == "train"]
+    if train and not any(r.get("status") == "ok" for r in train):
+        return "no client update was accepted in any round"
+    skipped = {r["round"] for r in train if r.get("status") == "skipped"}
+    if skipped and skipped == {r["round"] for r in train}:
+        return "every round was skipped (too few valid updates)"
+    evals = [r for r in records if r["phase"] == "evaluate"]
+    if not evals:
+        return "no evaluation was recorded"
+    last = max(r["round"] for r in evals)
+    if not any(r.get("status") == "ok" for r in evals if r["round"] == last):
+        return f"no client succeeded in the last evaluation (round {last})"
+    return None
 
 
 def run_experiment(cfg: FedkdConfig, run_dir: str | Path | None = None,
                    quiet: bool = False) -> Path:
     """Run one validated config end to end; returns the run directory (report written)."""
-    from flwr.simulation import run_simulation
+    return execute(cfg, prepare_run_dir(cfg, run_dir), None, quiet)
 
-    from fedkd.apps import build_server_app, client_app
 
-    started = time.perf_counter()
-    run_dir = prepare_run_dir(cfg, run_dir)
-    write_run_info(run_dir, cfg, "running", None)
-    progress = RunProgress(cfg.train.rounds, disabled=quiet)
-    recorder = Recorder(run_dir, listener=progress.update)
-    results: dict = {}
-    status = "failed"
-    try:
-        with progress, quiet_flower(True):
-            run_simulation(server_app=build_server_app(cfg, run_dir, recorder, results),
-                           client_app=client_app, num_supernodes=num_nodes(cfg),
-                           backend_config=backend_config(cfg))
-        status = "complete" if "result" in results else "failed"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        finish_run(run_dir, cfg, recorder, status, started)
+def resume_experiment(run_dir: str | Path, overrides: Iterable[str] = (), quiet: bool = False,
+                      ray_address: str = "") -> Path:
+    """Continue an unfinished run from its last complete checkpoint (or extend a finished one
+    with `train.rounds=N`); records written after that checkpoint are dropped."""
+    run_dir = Path(run_dir)
+    cfg = resume_config(run_dir, overrides)
+    with RunLock(run_dir):
+        checkpoint = load_checkpoint(run_dir)
+        done = checkpoint.round if checkpoint else 0
+        if run_status(run_dir) == "complete" and cfg.train.rounds <= done:
+            raise RunDirError(f"{run_dir}: the run is complete ({done} rounds); extend it with "
+                              f"train.rounds=N (N > {done})")
+        if done >= cfg.train.rounds:
+            raise ConfigError("train.rounds", cfg.train.rounds,
+                              f"must be > {done}, the rounds the run has done")
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if ray_address:
+        cfg.simulation.ray_address = ray_address
+    return execute(cfg, run_dir, checkpoint, quiet)
+
+
+def execute(cfg: FedkdConfig, run_dir: Path, checkpoint: Checkpoint | None, quiet: bool) -> Path:
+    """Run (or continue after `checkpoint`) the simulation in a prepared run directory."""
+    with RunLock(run_dir):  # held until this process ends the run, or dies
+        roll_back(run_dir, checkpoint)
+        started = time.perf_counter()
+        write_run_info(run_dir, cfg, "running", None)
+        progress = RunProgress(cfg.train.rounds, disabled=quiet)
+        recorder = Recorder(run_dir, listener=progress.update)
+        status = "failed"
+        try:
+            status = simulate(cfg, run_dir, recorder, progress, checkpoint)
+        except KeyboardInterrupt as exc:  # also SIGTERM (fedkd.engine.Interrupted)
+            from fedkd.engine import mark_interrupted
+
+            status = "interrupted"
+            mark_interrupted(exc, run_dir)
+            raise
+        finally:
+            finish_run(run_dir, cfg, recorder, status, started)
     return run_dir
+
+
+def simulate(cfg: FedkdConfig, run_dir: Path, recorder: Recorder, progress: RunProgress,
+             checkpoint: Checkpoint | None) -> str:
+    """Flower's Simulation Engine over the run; "complete" when the server loop finished."""
+    from fedkd.apps import build_server_app, client_app
+    from fedkd.engine import run_engine
+
+    results: dict = {}
+    with progress, quiet_flower(True):
+        run_engine(server_app=build_server_app(cfg, run_dir, recorder, results, checkpoint),
+                   client_app=client_app, num_supernodes=num_nodes(cfg),
+                   backend_config=backend_config(cfg))
+    return "complete" if "result" in results else "failed"
 
 
 def finish_run(run_dir: Path, cfg: FedkdConfig, recorder: Recorder, status: str,
                started: float) -> None:
-    """Close the metrics, record how the run ended, render the report (also for a failed run)."""
+    """Close the metrics, judge and record how the run ended, keep the trained model (a complete
+    run), render the report (also for a failed or interrupted run)."""
     from fedkd.report import write_outputs
 
     recorder.close()
-    write_run_info(run_dir, cfg, status, time.perf_counter() - started)
+    reason = None
+    if status == "complete":
+        reason = judge_outcome(run_dir)
+        status = "failed" if reason else status
+    elif status == "failed":
+        reason = "the simulation stopped before its last round"
+    write_run_info(run_dir, cfg, status, time.perf_counter() - started, reason)
     write_outputs(run_dir)
