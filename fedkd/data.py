@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fedkd.config import ConfigError, DataConfig, PartitionerConfig, check_choice, data_dir
+from fedkd.safe_npz import load_npz
 
 
 class DataError(Exception):
@@ -81,6 +84,7 @@ _PFLLIB: dict[str, tuple[str, int, bool]] = {
     "fmnist": ("pfllib-fmnist-20c-subset", 19, False),
     "cifar10-subset": ("pfllib-cifar10-dir0.1-subset", 10, True),
 }
+_PFLLIB_CLASSES = 10  # MNIST, Fashion-MNIST, CIFAR-10
 _DIGITS = "sklearn-digits/digits.csv.gz"
 _NAMES = [n for n in DATASETS if not n.startswith(("hf:", "medmnist:"))]
 
@@ -121,14 +125,31 @@ def _read_csv_gz(path: Path, width: int) -> np.ndarray:
     return table
 
 
+def check_labels(source: Path | str, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """`y` as int64 class indices, or a DataError naming `source` and the first bad label.
+
+    Checked once on load: a label outside 0..num_classes-1 otherwise surfaces rounds later
+    as an index error (or a CUDA assert) deep inside a client's loss."""
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.number):
+        raise DataError(f"{source}: labels must be integers 0..{num_classes - 1}, found dtype {y.dtype}")
+    ok = (y >= 0) & (y < num_classes) & (y == np.floor(y))  # NaN fails every comparison
+    if not ok.all():
+        bad = y[~ok].flat[0]
+        raise DataError(f"{source}: label {bad} is out of range; allowed: integers 0..{num_classes - 1}")
+    return y.astype(np.int64)
+
+
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of a PFLlib client file: an npz holding a pickled {"x": ..., "y": ...} (see safe_npz)."""
     try:
-        d = np.load(_need(path), allow_pickle=True)["data"].item()
-        return np.asarray(d["x"], np.float32), np.asarray(d["y"], np.int64)
+        d = load_npz(_need(path))["data"].item()
+        x, y = np.asarray(d["x"], np.float32), d["y"]
     except DataError:
         raise
     except Exception as exc:  # corrupt archive, wrong keys, ...
         raise DataError(f"cannot read {path}: {exc}") from exc
+    return x, check_labels(path, y, _PFLLIB_CLASSES)
 
 
 def check_available(cfg: DataConfig) -> None:
@@ -180,6 +201,23 @@ def check_available(cfg: DataConfig) -> None:
         _need(f)
 
 
+@functools.lru_cache(maxsize=4)
+def _hf_unreachable(endpoint: str) -> str | None:
+    """Why the Hub cannot be reached, or None. One short probe per process: without it, an
+    offline `hf:` run spends ~30 s in the datasets library's retries before failing."""
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # behind a proxy a direct connection proves nothing; let the download try
+    url = urlsplit(endpoint)
+    host, port = url.hostname or endpoint, url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=3.0).close()
+    except OSError as exc:
+        return f"cannot connect to {host}:{port} ({exc.strerror or exc})"
+    return None
+
+
 def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     """Load and partition; cached per process (Ray workers call this every round).
 
@@ -207,11 +245,11 @@ def _load_cached(key: tuple[Any, ...]) -> FederatedData:
         return TASK_DATASETS[name].load(Path(root_s), seed)
     root, global_test = Path(root_s), None
     if name == "mnist5k":
-        t = _read_csv_gz(_mnist5k_path(), 785)
-        x, y = _normalise(t[:, :-1], 255.0).reshape(-1, 1, 28, 28), t[:, -1].astype(np.int64)
+        t = _read_csv_gz(path := _mnist5k_path(), 785)
+        x, y = _normalise(t[:, :-1], 255.0).reshape(-1, 1, 28, 28), check_labels(path, t[:, -1], 10)
     elif name == "digits":
         t = _read_csv_gz(root / _DIGITS, 65)
-        x, y = _normalise(t[:, :-1], 16.0).reshape(-1, 1, 8, 8), t[:, -1].astype(np.int64)
+        x, y = _normalise(t[:, :-1], 16.0).reshape(-1, 1, 8, 8), check_labels(root / _DIGITS, t[:, -1], 10)
     else:
         base = root / _PFLLIB[name][0]
         # No global test set for pfllib-mnist: PFLlib spread all 70,000 MNIST images over its
@@ -313,11 +351,28 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Cli
 
 def _load_hf(cfg: DataConfig, seed: int) -> FederatedData:
     """Hugging Face dataset through flwr-datasets; partitions the train split (network needed)."""
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    reason = None if offline else _hf_unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if reason:
+        raise DataError(f"data.dataset={cfg.dataset} needs the network (Hugging Face download): {reason}; "
+                        "with a cached copy set HF_HUB_OFFLINE=1")
     from flwr_datasets import FederatedDataset
 
     part = make_partitioner(cfg, seed, label=cfg.hf_label_key)
-    fds = FederatedDataset(dataset=cfg.dataset[3:], partitioners={"train": part}, seed=seed)
+    try:
+        fds = FederatedDataset(dataset=cfg.dataset[3:], partitioners={"train": part}, seed=seed)
+        return _hf_federated(cfg, fds, seed)
+    except (ConfigError, DataError):
+        raise
+    except Exception as exc:  # unknown dataset, offline without a cached copy, wrong image/label key, ...
+        msg = " ".join(str(exc).split())[:300]
+        raise DataError(f"data.dataset={cfg.dataset}: cannot load it from Hugging Face "
+                        f"({type(exc).__name__}: {msg})") from None
 
+
+def _hf_federated(cfg: DataConfig, fds: Any, seed: int) -> FederatedData:
+    """The clients' splits and the test split (if any) of a FederatedDataset."""
     def arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
         x = np.stack([np.asarray(im, np.float32) for im in ds[cfg.hf_image_key]])
         x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2) if x.ndim == 4 else x  # -> NCHW
@@ -372,7 +427,7 @@ def _load_medmnist(cfg: DataConfig, seed: int) -> FederatedData:
         def split(part: str) -> tuple[np.ndarray, np.ndarray]:
             x = npz[f"{part}_images"]
             x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> NCHW
-            return _normalise(x, 255.0), npz[f"{part}_labels"].reshape(-1).astype(np.int64)
+            return _normalise(x, 255.0), check_labels(path, npz[f"{part}_labels"].reshape(-1), len(info["label"]))
 
         (x, y), test = split("train"), split("test")
     return _partitioned(cfg, x, y, seed, test)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from fedkd.data import (ClientSplit, DataError, FederatedData, TaskDataset, _normalise, _read_csv_gz,
-                        register_task_dataset)
+                        check_labels, register_task_dataset)
 from fedkd.taskdata.audio import (RECORDINGS, FeatureParams, fsdd_band_stats, fsdd_clips,
                                   fsdd_features, fsdd_waveforms, span_power, waveform_features)
 
@@ -139,7 +139,7 @@ def build_avmnist(root: Path, seed: int, test_fraction: float = 0.2,
     """Build the pairs from the files (uncached; see `load_avmnist`)."""
     root = Path(root)
     table = _read_csv_gz(root / MNIST_FILE, IMAGE_DIM + 1)
-    images, image_labels = _normalise(table[:, :-1], 255.0), table[:, -1].astype(np.int64)
+    images, image_labels = _normalise(table[:, :-1], 255.0), check_labels(root / MNIST_FILE, table[:, -1], 10)
     tr_rows, te_rows = stratified_split(image_labels, test_fraction, _rng(seed, _SPLIT))
 
     audio = fsdd_features(root)
