@@ -155,8 +155,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "metrics.jsonl").exists():
         raise UsageError(f"{run_dir}: not a run directory (no metrics.jsonl)")
-    write_outputs(run_dir)
+    summary = write_outputs(run_dir)
     _print_result(run_dir)
+    if summary.get("resume"):
+        err.print(f"[yellow]{summary['status']}: {summary['resume']}[/]")
     return 0
 
 

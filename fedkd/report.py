@@ -27,6 +27,7 @@ from rich import box
 from rich.table import Table
 
 from fedkd import plots
+from fedkd.rundir import UNFINISHED, resume_hint, run_status
 
 HEADLINE = "last-round accuracy (example-weighted)"
 BEST = "best-of-evaluations"
@@ -99,7 +100,10 @@ def _ok_evals(records: Sequence[dict]) -> dict[int, dict[Any, dict]]:
     for r in records:
         if r["phase"] == "evaluate" and r.get("status") == "ok" and r.get("accuracy") is not None:
             by_round[r["round"]][r.get("partition_id")] = r
-    return by_round
+    # in partition-id order, not arrival order: sums over clients (mean, std) then do not
+    # depend on which Ray worker answered first
+    return {rnd: dict(sorted(clients.items(), key=lambda kv: kv[0]))
+            for rnd, clients in by_round.items()}
 
 
 def client_model(run: dict, pid: Any) -> str | None:
@@ -112,6 +116,7 @@ def summarize(run_dir: Path) -> dict:
     """The content of summary.json (see module docstring for the headline protocol)."""
     run_dir = Path(run_dir)
     cfg, run = _config(run_dir), _json(run_dir / "run.json") or {}
+    status = run_status(run_dir) if run else "unknown (no run.json)"
     partition = _json(run_dir / "partition.json") or {}
     records = read_metrics(run_dir / "metrics.jsonl")
     evals = _ok_evals(records)
@@ -151,10 +156,18 @@ def summarize(run_dir: Path) -> dict:
         "bytes_sent_per_client_round": (statistics.fmean(r.get("bytes_sent") or 0 for r in trained)
                                         if trained else None),
         "failures": len(failed),
+        # validation: rounds that kept the previous global model, updates refused on their node
+        "skipped_rounds": sorted({r["round"] for r in records if r.get("status") == "skipped"}),
+        "rejected": sum(r.get("status") == "rejected" for r in records),
+        "rejected_updates": [{"round": r["round"], "partition_id": r.get("partition_id"),
+                              "reason": error_line(r.get("error"))}
+                             for r in records if r.get("status") == "rejected"],
         "failed_clients": [{"round": r["round"], "phase": r["phase"], "partition_id": r.get("partition_id"),
                             "error": error_line(r.get("error"))} for r in failed],
         "seconds_per_round": statistics.median(later) if later else None,
-        "wall_seconds": run.get("wall_seconds"), "status": run.get("status", "unknown (no run.json)"),
+        "wall_seconds": run.get("wall_seconds"), "status": status,
+        "status_reason": run.get("status_reason"),
+        "resume": resume_hint(run_dir) if status in UNFINISHED else None,
         "score": run.get("score", "accuracy"),
         "evaluated_model": run.get("evaluated_model"), "evaluated_when": run.get("evaluated_when"),
         "per_round": per_round,
@@ -266,6 +279,8 @@ def _report_blocks(s: dict, rows: list[dict], figures: list[str]) -> list[Block]
                 f"rounds: {s['rounds_completed']} completed of {_fmt(s['rounds'])} (status: {s['status']})",
                 f"evaluated: {evaluated}",
                 f"time: {_fmt(s['seconds_per_round'], 2)} s/round (median), {_fmt(s['wall_seconds'], 1)} s wall"]),
+        *([("p", f"Incomplete run: {s['resume']}.")] if s.get("resume") else []),
+        *([("p", f"Status {s['status']}: {s['status_reason']}.")] if s.get("status_reason") else []),
         ("h2", "Results"), ("table", ["metric", "value"], _headline_rows(s)),
         ("p", f"The headline is the {HEADLINE} of the last evaluated round; the {BEST} figure selects a round "
               "on test data and is shown for reference only."),
@@ -275,6 +290,16 @@ def _report_blocks(s: dict, rows: list[dict], figures: list[str]) -> list[Block]
     blocks.append(("table", ["round", "phase", "partition_id", "error"],
                    [[f["round"], f["phase"], f["partition_id"], f["error"]] for f in fails]) if fails
                   else ("p", "No failed client records."))
+    if s.get("skipped_rounds") or s.get("rejected"):  # validation (fedkd.validation)
+        blocks += [("h2", f"Skipped rounds ({len(s['skipped_rounds'])}) and rejected updates "
+                          f"({s['rejected']})"),
+                   ("p", "A rejected update failed validation on its node and was left out; a "
+                         "skipped round had fewer valid updates than validation.min_clients and kept "
+                         "the previous global model. Skipped rounds: "
+                         f"{', '.join(map(str, s['skipped_rounds'])) or 'none'}.")]
+        if s["rejected_updates"]:
+            blocks.append(("table", ["round", "partition_id", "reason"],
+                           [[u["round"], u["partition_id"], u["reason"]] for u in s["rejected_updates"]]))
     if s.get("per_model"):  # heterogeneous clients: is one architecture behind?
         blocks += [("h2", f"By architecture (round {_fmt(s['last_round'])})"),
                    ("table", ["model", "clients", "accuracy (example-weighted)", "unweighted mean", "min", "max"],

@@ -28,6 +28,7 @@ from fedkd.config import ConfigError, FedkdConfig, load_config, to_yaml
 
 RUN_INFO, LOCK = "run.json", "run.lock"
 FINISHED = ("complete", "failed")
+UNFINISHED = ("incomplete", "interrupted")
 #: keys a resumed run may change; any other would make it a different run
 RESUMABLE_CHANGES = ("train.rounds",)
 

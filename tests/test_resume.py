@@ -62,12 +62,16 @@ def _run(cfg, run_dir: Path, grid: InProcessGrid, resume: bool = False) -> None:
 
 
 def _records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without timings, in (round, phase, client) order: replies of one phase
+    arrive in any order (Ray), their content may not differ."""
+    phases = {"train": 0, "evaluate": 1, "central": 2}
     out = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec["phase"] != "round":
             out.append({k: v for k, v in rec.items() if k not in TIMING})
-    return out
+    return sorted(out, key=lambda r: (r["round"], phases.get(r["phase"], 3),
+                                      r.get("partition_id", -1)))
 
 
 def _summary(run_dir: Path) -> dict:
@@ -80,8 +84,10 @@ def _clients(run_dir: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
 
 
-def _interrupted_then_resumed(cfg, tmp_path: Path, *, after_checkpoint: int = 0,  # type: ignore[no-untyped-def]
-                              at_message: int = 0) -> Path:
+def _interrupted(cfg, tmp_path: Path, *, after_checkpoint: int = 0,  # type: ignore[no-untyped-def]
+                 at_message: int = 0) -> Path:
+    """A run cut right after the checkpoint of round `after_checkpoint`, or when it sends its
+    `at_message`-th message."""
     run_dir = prepare_run_dir(cfg, tmp_path / "cut")
     real_write = ckpt.write_checkpoint
 
@@ -98,6 +104,11 @@ def _interrupted_then_resumed(cfg, tmp_path: Path, *, after_checkpoint: int = 0,
             _run(cfg, run_dir, CuttingGrid(2, after=at_message))
     finally:
         resumable.write_checkpoint = real_write
+    return run_dir
+
+
+def _interrupted_then_resumed(cfg, tmp_path: Path, **cut: int) -> Path:  # type: ignore[no-untyped-def]
+    run_dir = _interrupted(cfg, tmp_path, **cut)
     _run(cfg, run_dir, InProcessGrid(2), resume=True)
     return run_dir
 
@@ -192,8 +203,20 @@ def test_strategy_state_round_trips_through_safetensors(tmp_path: Path) -> None:
     assert np.array_equal(fresh.v_t["w"], strategy.v_t["w"])
 
 
-def test_report_of_a_killed_run_says_how_to_resume(tmp_path: Path) -> None:
+def test_report_of_an_unfinished_run_says_how_to_resume(tmp_path: Path) -> None:
     cfg = _cfg("train.rounds=3")
-    run_dir = _interrupted_then_resumed(cfg, tmp_path, after_checkpoint=1)
-    write_outputs(run_dir)
-    assert "incomplete" not in (run_dir / "report.md").read_text()
+    run_dir = _interrupted(cfg, tmp_path, after_checkpoint=1)
+    (run_dir / "run.json").write_text(
+        (run_dir / "run.json").read_text().replace('"failed"', '"running"'))  # as after kill -9
+    summary = write_outputs(run_dir)
+    assert summary["status"] == "incomplete"
+    assert summary["resume"] == f"last checkpoint round 1; resume with: fedkd run --resume {run_dir}"
+    assert f"Incomplete run: {summary['resume']}" in (run_dir / "report.md").read_text()
+
+
+def test_metrics_stay_strict_json_when_a_value_is_not_finite(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path)
+    recorder.client(1, "train", 0, {"num-examples": 3, "loss": float("nan"), "accuracy": 0.5}, None)
+    recorder.close()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["loss"] is None and record["non_finite"] == ["loss"]
