@@ -1,0 +1,210 @@
+"""Reliability benchmark: injected faults per strategy family, kill -9 at random points then
+--resume, and the one-line message of every bad input (issue 19; results in bench/reliability.md).
+
+    .venv/bin/python bench/reliability.py                 # all three parts
+    .venv/bin/python bench/reliability.py --parts faults --out bench/results/reliability.json
+
+- faults: a small real run (sklearn digits, 6 clients, MLP, 5 rounds) per (strategy, fault kind),
+  clients 0 and 1 faulty in every round, through the real ClientApp and strategy stack in this
+  process (`fedkd.testing.InProcessGrid`), plus `kill` on Flower + Ray (it needs Ray workers).
+  Reported: status, rounds skipped, updates rejected, failed client calls, final accuracy and its
+  difference to the fault-free run of the same strategy.
+- kills: a 20-round run (digits, Ditto: client state on disk) killed with SIGKILL at random
+  times (seeded), resumed with `fedkd run --resume` until complete, compared record by record
+  (timings aside) with an uninterrupted run: identical or not.
+- bad_inputs: each input the issue lists, through the CLI: exit code and the one stderr line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs/experiment/quickstart.yaml")
+SMALL = ["data.dataset=digits", "data.num_clients=6", "model.name=mlp", "train.rounds=5",
+         "train.lr=0.05", "train.batch_size=20", "data.partitioner.name=iid", "evaluation.central=false"]
+STRATEGIES = {"fedavg": [], "fedmedian": ["strategy.name=fedmedian"],
+              "fedtrimmedavg": ["strategy.name=fedtrimmedavg", "strategy.beta=0.34"],
+              "krum": ["strategy.name=krum", "strategy.num_malicious_nodes=2"]}
+KINDS = {"none": [], "raise": ["faults.kind=raise"], "nan": ["faults.kind=nan"],
+         "inf": ["faults.kind=inf"], "shape": ["faults.kind=shape"],
+         "missing_key": ["faults.kind=missing_key"], "scale -10": ["faults.kind=scale"],
+         "scale -10, norm check": ["faults.kind=scale", "validation.norm_check=true"]}
+TIMING = {"seconds", "worker_pid", "wall_seconds", "seconds_per_round", "train_seconds", "status_reason"}
+
+
+def _outcome(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"status": summary["status"], "accuracy": summary["accuracy"],
+            "skipped_rounds": len(summary.get("skipped_rounds", [])),
+            "rejected": summary.get("rejected", 0), "failures": summary["failures"]}
+
+
+def fault_table(tmp: Path) -> list[dict]:
+    """Every (strategy, kind) in-process, then `kill` under Ray."""
+    from fedkd.apps import run_server
+    from fedkd.config import load_config
+    from fedkd.recorder import Recorder
+    from fedkd.simulation import finish_run, prepare_run_dir
+    from fedkd.testing import InProcessGrid
+
+    rows = []
+    for strategy, s_over in STRATEGIES.items():
+        clean = None
+        for kind, k_over in KINDS.items():
+            faulty = ["faults.clients=[0,1]"] if k_over else []
+            cfg = load_config(QUICKSTART, [*SMALL, *s_over, *faulty, *k_over])
+            run_dir = prepare_run_dir(cfg, tmp / f"{strategy}-{kind.replace(' ', '_').replace(',', '')}")
+            recorder, status = Recorder(run_dir), "failed"
+            try:
+                run_server(InProcessGrid(3), cfg, run_dir, recorder)
+                status = "complete"
+            except Exception as exc:  # a crash is a finding: record it
+                print(f"{strategy} {kind}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            finally:
+                finish_run(run_dir, cfg, recorder, status, time.perf_counter())
+            row = {"strategy": strategy, "fault": kind, **_outcome(run_dir)}
+            clean = row["accuracy"] if kind == "none" else clean
+            row["vs_fault_free"] = (None if row["accuracy"] is None or clean is None
+                                    else row["accuracy"] - clean)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    rows += _kill_rows(tmp)
+    return rows
+
+
+def _kill_rows(tmp: Path) -> list[dict]:
+    from fedkd.config import load_config
+    from fedkd.ray_cluster import warm_ray
+    from fedkd.simulation import run_experiment
+
+    rows = []
+    with warm_ray() as address:
+        clean = None
+        for kind, extra in (("none", []), ("kill", ["faults.clients=[0]", "faults.kind=kill",
+                                                     "faults.rounds=[2]"])):
+            cfg = load_config(QUICKSTART, [*SMALL, *extra, f"simulation.ray_address={address}"])
+            run_dir = run_experiment(cfg, tmp / f"ray-fedavg-{kind}", quiet=True)
+            row = {"strategy": "fedavg (Ray)", "fault": kind, **_outcome(run_dir)}
+            clean = row["accuracy"] if kind == "none" else clean
+            row["vs_fault_free"] = None if row["accuracy"] is None else row["accuracy"] - clean
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def _records(run_dir: Path) -> list[dict]:
+    phases = {"train": 0, "evaluate": 1, "central": 2}
+    recs = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sorted((r for r in recs if r["phase"] != "round"),
+                  key=lambda r: (r["round"], phases.get(r["phase"], 3), r.get("partition_id", -1)))
+
+
+def _fedkd(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedkd.cli", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_resume(tmp: Path, kills: int, seed: int = 0) -> dict:
+    """`kills` runs killed with SIGKILL at seeded random times, each resumed until complete."""
+    from fedkd.ray_cluster import warm_ray
+
+    rng = random.Random(seed)
+    with warm_ray() as address:
+        over = [*SMALL, "train.rounds=20", "method.name=ditto", f"simulation.ray_address={address}"]
+        started = time.perf_counter()
+        ref = _fedkd("run", QUICKSTART, *over, "--quiet", "--run-dir", str(tmp / "reference"))
+        ref.communicate()
+        whole_s = time.perf_counter() - started
+        reference = _records(tmp / "reference")
+        trials = []
+        for i in range(kills):
+            run_dir, at = tmp / f"killed-{i}", rng.uniform(0.1, 0.95) * whole_s
+            proc = _fedkd("run", QUICKSTART, *over, "--quiet", "--run-dir", str(run_dir))
+            try:
+                proc.wait(timeout=at)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+            from fedkd.checkpoint import checkpoint_round
+            killed_after = checkpoint_round(run_dir) if run_dir.exists() else None
+            resumes = 0
+            while json.loads((run_dir / "run.json").read_text())["status"] != "complete" and resumes < 3:
+                _fedkd("run", "--resume", str(run_dir), "--quiet").communicate()
+                resumes += 1
+            same = _records(run_dir) == reference
+            trials.append({"kill_at_s": round(at, 1), "last_checkpoint": killed_after,
+                           "resumes": resumes, "identical": same})
+            print(json.dumps(trials[-1]), file=sys.stderr)
+    return {"uninterrupted_s": round(whole_s, 1), "trials": trials,
+            "identical": sum(t["identical"] for t in trials)}
+
+
+BAD_INPUTS = [
+    ("malformed YAML", "bad.yaml", "experiment: {name: x\n"),
+    ("YAML whose top level is a list", "list.yaml", "- a\n- b\n"),
+    ("unknown key", None, "trian.rounds=3"),
+    ("unknown strategy", None, "strategy.name=fedprx"),
+    ("lr=inf", None, "train.lr=inf"),
+    ("lr=1e30", None, "train.lr=1e30"),
+    ("experiment.name with ..", None, "experiment.name=../../x"),
+    ("output_dir is a file", None, "experiment.output_dir={tmp}/afile"),
+    ("client_cpus larger than the machine", None, "simulation.client_cpus=64"),
+    ("hf: dataset without network", None, "data.dataset=hf:ylecun/mnist"),
+]
+
+
+def bad_inputs(tmp: Path) -> list[dict]:
+    (tmp / "afile").write_text("x")
+    rows = []
+    for what, filename, content in BAD_INPUTS:
+        if filename:
+            (tmp / filename).write_text(content)
+            argv = ["run", str(tmp / filename)]
+        else:
+            argv = ["run", QUICKSTART, f"experiment.output_dir={tmp}/runs", content.format(tmp=tmp)]
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "fedkd.cli", *argv], cwd=ROOT, capture_output=True,
+                              text=True, env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"})
+        lines = proc.stderr.strip().splitlines()
+        rows.append({"input": what, "exit": proc.returncode, "lines": len(lines),
+                     "message": lines[-1] if lines else "", "seconds": round(time.perf_counter() - started, 1),
+                     "run_dirs_left": len(list((tmp / "runs").glob("*"))) if (tmp / "runs").exists() else 0})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="faults,kills,bad_inputs")
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--out", default=str(ROOT / "bench/results/reliability.json"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        parts = args.parts.split(",")
+        if "bad_inputs" in parts:
+            results["bad_inputs"] = bad_inputs(tmp)
+        if "faults" in parts:
+            results["faults"] = fault_table(tmp)
+        if "kills" in parts:
+            results["kills"] = kill_resume(tmp, args.kills)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
