@@ -210,16 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fedkd.checkpoint import CheckpointError
-    from fedkd.data import DataError
-    from fedkd.rundir import RunDirError
-
     from fedkd.engine import EngineError, exit_on_signals
 
     args = build_parser().parse_args(argv)
     # Ctrl-C and `kill`/timeout (SIGTERM) unwind through the context managers, so the run's
     # report is written and Ray (a sweep's head too) stopped; then one line, exit 128+signal
     with exit_on_signals() as interrupted:
+        from fedkd.checkpoint import CheckpointError
+        from fedkd.data import DataError
+        from fedkd.rundir import RunDirError
+
         try:
             return args.fn(args)
         except (ConfigError, DataError, UsageError, RunDirError, CheckpointError) as exc:
