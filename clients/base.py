@@ -48,6 +48,22 @@ class RoundInfo:
         return torch.Generator().manual_seed(int(entropy.generate_state(1)[0]))
 
 
+@dataclass(frozen=True)
+class ExpectedArrays:
+    """What a train update holds in one round, as its method declares it (checked on the node
+    before the update enters any sum): name -> (shape, dtype). Every name is required except the
+    `optional` groups, each of which is sent whole or not at all (a class table's `mean.c` and
+    `count.c` for a class the client does not hold)."""
+
+    arrays: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    optional: tuple[tuple[str, ...], ...] = ()
+
+    @classmethod
+    def like(cls, arrays: Arrays) -> "ExpectedArrays":
+        """Exactly the names, shapes and dtypes of `arrays`."""
+        return cls({k: (tuple(v.shape), v.dtype) for k, v in arrays.items()})
+
+
 @dataclass
 class TrainResult:
     arrays: Arrays  # what goes back to the server (only what the method shares)
@@ -116,6 +132,13 @@ class ClientAlgorithm(ABC):
     def global_model(self, received: Arrays) -> nn.Module | None:
         """The global model built from what the server holds, if the method has one (central eval)."""
         return None
+
+    def expected_arrays(self, info: RoundInfo) -> ExpectedArrays | None:
+        """What this client's train update must hold in `info`'s round (validated before
+        aggregation; None: not declared, only the values are checked). Default: the arrays of
+        `initial_arrays`, for methods that send one fixed set (class tables and staged methods
+        override it)."""
+        return ExpectedArrays.like(self.initial_arrays())
 
     @abstractmethod
     def train(self, received: Arrays, state: dict[str, Any], data: ClientData,

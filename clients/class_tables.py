@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedkd.clients.base import (Arrays, ClientData, EvalResult, PersonalModelOnly, RoundInfo,
-                                evaluate_model, train_epochs)
+from fedkd.clients.base import (Arrays, ClientData, EvalResult, ExpectedArrays, PersonalModelOnly,
+                                RoundInfo, evaluate_model, train_epochs)
 from fedkd.config import setting
 from fedkd.kd import class_means, feature_distance, gather_class_rows, kd_loss, soft_cross_entropy
 from fedkd.models import FedModel
-from fedkd.strategies.class_means import decode_class_table, encode_class_table
+from fedkd.strategies.class_means import COUNT, MEAN, decode_class_table, encode_class_table
 
 TABLE = "class-table"  # state key: the table recorded in the client's last training pass
 
@@ -33,6 +33,10 @@ class ClassTableSharing(PersonalModelOnly):
     vectors each `step` records over the training pass."""
 
     aggregation = "class-means"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._vector_specs: dict[str, tuple[int, torch.dtype]] = {}  # architecture -> (D, dtype)
 
     def global_table(self, received: Arrays) -> tuple[Tensor, Tensor] | None:
         """The server's (C, D) table and the mask of classes it has, on this client's device."""
@@ -61,6 +65,24 @@ class ClassTableSharing(PersonalModelOnly):
         total = torch.stack(sums).sum(0) if sums else torch.zeros(self.num_classes, 1)
         state[TABLE] = (total / counts.clamp(min=1).unsqueeze(-1), counts)
         return metrics
+
+    def vector_dim(self, model: FedModel) -> int:
+        """Length of the vectors a table holds per class (FedDistill: logits)."""
+        return self.num_classes
+
+    def expected_arrays(self, info: RoundInfo) -> ExpectedArrays:
+        """`mean.<c>` (D,) and `count.<c>` (1,) int64 for any subset of the classes: a client
+        sends only the classes it saw in training, so no class is required."""
+        name = self.model_name(info.partition_id)
+        if name not in self._vector_specs:  # one throwaway build per architecture and process
+            model = self.build_model(name)
+            self._vector_specs[name] = (self.vector_dim(model), next(model.parameters()).dtype)
+        dim, dtype = self._vector_specs[name]
+        arrays: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for c in range(self.num_classes):
+            arrays[f"{MEAN}{c}"], arrays[f"{COUNT}{c}"] = ((dim,), dtype), ((1,), torch.int64)
+        groups = tuple((f"{MEAN}{c}", f"{COUNT}{c}") for c in range(self.num_classes))
+        return ExpectedArrays(arrays, groups)
 
     def upload(self, state: dict[str, Any]) -> Arrays:
         means, counts = state.pop(TABLE)  # not kept: the next round records a fresh table
@@ -115,6 +137,9 @@ class FedProtoClient(ClassTableSharing):
     """FedProto: CE + lam * MSE(feature, global prototype of its class); prediction = the
     nearest global prototype (squared distance). Before any prototype exists a client
     predicts with its head (PFLlib reports 0 there); the head's accuracy is logged beside."""
+
+    def vector_dim(self, model: FedModel) -> int:
+        return model.feature_dim
 
     def step(self, model: FedModel, x: Tensor, y: Tensor,
              table: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any, Sequence
 
-from fedkd.clients.base import Arrays, ClientAlgorithm, ClientData, RoundInfo, TrainResult
+from fedkd.clients.base import (Arrays, ClientAlgorithm, ClientData, ExpectedArrays, RoundInfo,
+                                TrainResult)
 
 Stages = list[tuple[str, int]]
 
@@ -43,6 +44,15 @@ class StagedMethod(ClientAlgorithm):
 
     def initial_arrays(self) -> Arrays:
         return {}
+
+    def expected_arrays(self, info: RoundInfo) -> ExpectedArrays | None:
+        """The keys change per stage (the stage's model is what travels): `stage_arrays`."""
+        return self.stage_arrays(stage_of(self.stages(self.settings), info.server_round)[1])
+
+    def stage_arrays(self, stage: str) -> ExpectedArrays | None:
+        """What a round of `stage` sends (None, the default: not declared, so only the values of
+        the update are validated; a method may declare its stage models here)."""
+        return None
 
     def train(self, received: Arrays, state: dict[str, Any], data: ClientData,
               info: RoundInfo) -> TrainResult:

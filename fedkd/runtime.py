@@ -21,7 +21,9 @@ from fedkd import registry
 from fedkd.clients.base import Arrays, ClientAlgorithm, ClientData, RoundInfo
 from fedkd.config import FedkdConfig, from_yaml
 from fedkd.data import FederatedData, load_federated
+from fedkd.faults import corrupt, fires, in_ray_worker, kill_this_process
 from fedkd.state import ClientStateStore
+from fedkd.validation import NORM_KEY, UPDATE_NORM, validate_update
 from fedkd.wire import NUM_EXAMPLES, ClientOutcome, as_tensor_dict, nbytes
 
 
@@ -66,10 +68,31 @@ class ClientRuntime:
                                             as_t(split.x_test), as_t(split.y_test))
         return self._tensors[pid]
 
-    def _inject(self, pid: int, server_round: int, phase: str) -> None:
+    def _inject(self, pid: int, server_round: int, phase: str) -> str | None:
+        """Apply the `faults` section before the client's work: raise, kill (inside a Ray worker
+        only; elsewhere it raises, so an in-process run or pytest survives) or slow. Returns the
+        kind that corrupts the update after training, if that is the fault (see `FaultConfig`)."""
         f = self.cfg.faults
-        if pid in f.clients and phase == f.phase and (not f.rounds or server_round in f.rounds):
-            raise InjectedFailure(f"injected failure: client {pid}, round {server_round}, {phase}")
+        if not fires(f, self.cfg.experiment.seed, pid, server_round, phase):
+            return None
+        where = f"client {pid}, round {server_round}, {phase}"
+        if f.kind == "kill":
+            if in_ray_worker():
+                kill_this_process()
+            raise InjectedFailure(f"injected kill outside a Ray worker (raised instead): {where}")
+        if f.kind == "slow":
+            time.sleep(f.seconds)
+            return None
+        if f.kind == "raise":
+            raise InjectedFailure(f"injected failure: {where}")
+        return f.kind
+
+    def _validate(self, arrays: Arrays, received: Arrays, info: RoundInfo
+                  ) -> tuple[str | None, float | None]:
+        """(why this train update is rejected or None, its norm when the norm check is on)."""
+        median = info.server_config.get(NORM_KEY)
+        return validate_update(arrays, received, self.algorithm.expected_arrays(info),
+                               self.cfg.validation, None if median is None else float(median))
 
     def _wire_bytes(self, arrays: Arrays | None, info: RoundInfo) -> int:
         if not arrays:
@@ -82,7 +105,7 @@ class ClientRuntime:
         """One client's train or evaluate call; an exception becomes a failed outcome with traceback."""
         started = time.perf_counter()
         try:
-            self._inject(pid, server_round, phase)
+            fault = self._inject(pid, server_round, phase)
             info = RoundInfo(pid, server_round, self.cfg.experiment.seed, server_config)
             # global RNG too (dropout, noise): the same in a Ray worker and in a direct loop
             torch.manual_seed(int(info.generator(salt=7 if phase == "train" else 8).initial_seed()))
@@ -91,9 +114,13 @@ class ClientRuntime:
             state = self.store.load(pid)
             metrics: dict[str, float]
             arrays = None
+            rejected = None
             if phase == "train":
                 result = self.algorithm.train(on_device, state, data, info)
                 arrays = as_tensor_dict(result.arrays)
+                if fault is not None:
+                    arrays = corrupt(fault, arrays, received, self.cfg.faults.factor)
+                rejected, norm = self._validate(arrays, received, info)
                 weight = result.num_examples if result.weight is None else result.weight
                 # num-examples is what strategies weigh by; train-examples what was trained on
                 metrics = {**result.metrics, NUM_EXAMPLES: weight, "train-examples": result.num_examples}
@@ -101,6 +128,8 @@ class ClientRuntime:
                     state[TRAIN_CALLS] = state.get(TRAIN_CALLS, 0) + 1
                     metrics["train-calls"] = state[TRAIN_CALLS]
                     self.store.save(pid, state)
+                if norm is not None:
+                    metrics[UPDATE_NORM] = norm
             else:
                 ev = self.algorithm.evaluate(on_device, state, data, info)
                 metrics = {**ev.metrics, "loss": ev.loss, "accuracy": ev.accuracy,
@@ -109,6 +138,8 @@ class ClientRuntime:
                             "bytes-received": self._wire_bytes(received, info),
                             "bytes-sent": self._wire_bytes(arrays, info),
                             "worker-pid": os.getpid()})
+            if rejected is not None:
+                return ClientOutcome(pid, metrics, None, rejected=rejected)
             return ClientOutcome(pid, metrics, arrays)
         except Exception:  # a failing client must not take its group down
             return ClientOutcome(pid, {}, None, f"client {pid} (round {server_round}, {phase}):\n"

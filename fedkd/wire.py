@@ -2,10 +2,20 @@
 
 Out: `arrays` (the shared model part) and `config` with the node's partition ids,
 the reply mode and the resolved run config. Back: one MetricRecord per client
-(`client.<pid>`), a ConfigRecord `status` (ok ids, failed ids, their
-tracebacks) and either the group's example-weighted mean (`arrays` +
-`metrics`, mode "mean") or every client's own arrays (`arrays.<pid>`, mode
-"each").
+(`client.<pid>`), a ConfigRecord `status` (ok ids, failed ids and their
+tracebacks, rejected ids and the reasons) and either the group's example-weighted
+sum (mode "mean": `sums.hi` + `sums.lo`, a float64 sum and its rounding error,
+`sums.info` with the summed ids and each array's dtype; `metrics` holds the
+group's weight and mean loss/accuracy) or every client's own arrays (`arrays.<pid>`,
+mode "each").
+
+Why sums, not means: a node's float32 mean, averaged again by the server, depends
+on how clients were grouped onto nodes. Here each node keeps a compensated
+float64 sum (TwoSum: the sum plus its exact rounding error), the server adds the
+nodes' sums in a fixed order the same way and divides and casts once
+(`CompensatedSum`). The pair holds the exact sum to ~2^-100 of its terms, so the
+mean is the same float64 (and float32) for any number of nodes, unless the exact
+value lies within that distance of a rounding boundary (odds ~2^-50 per value).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ STATE_DIR_KEY = "fedkd-state-dir"
 STATUS_KEY = "status"
 CLIENT_METRIC_PREFIX = "client."
 NUM_EXAMPLES = "num-examples"
+SUMS_HI, SUMS_LO, SUMS_INFO = "sums.hi", "sums.lo", "sums.info"
 
 
 def client_arrays_key(pid: int) -> str:
@@ -33,12 +44,14 @@ def client_arrays_key(pid: int) -> str:
 
 @dataclass
 class ClientOutcome:
-    """One client's result within a group: metrics, or the traceback of its failure."""
+    """One client's result within a group: metrics, or the traceback of its failure; `rejected`
+    is why validation refused its train update (its metrics still travel, its arrays do not)."""
 
     partition_id: int
     metrics: dict[str, float]  # num-examples, loss, accuracy, seconds, bytes-*, worker-pid
     arrays: dict[str, Tensor] | None = None
     error: str | None = None
+    rejected: str | None = None
 
 
 def reply_message(content: RecordDict, src_node_id: int, message_type: str) -> Message:
@@ -62,12 +75,53 @@ def nbytes(arrays: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in arrays.values())
 
 
+def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(a + b rounded, its exact rounding error), elementwise (Knuth's TwoSum; float64)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+class CompensatedSum:
+    """Named float64 sums kept with their rounding error (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.hi: dict[str, Tensor] = {}
+        self.lo: dict[str, Tensor] = {}
+
+    def add(self, key: str, value: Tensor, lo: Tensor | None = None) -> None:
+        """Add `value` (+ `lo`, another sum's error term) to the sum named `key`."""
+        value = value.double()
+        if key not in self.hi:  # `hi` is never changed in place, so `value` needs no copy
+            self.hi[key] = value
+            self.lo[key] = torch.zeros_like(value) if lo is None else lo.double().clone()
+            return
+        self.hi[key], err = _two_sum(self.hi[key], value)
+        self.lo[key].add_(err)
+        if lo is not None:
+            self.lo[key].add_(lo.double())
+
+    def mean(self, weight: float, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
+        """sum / weight, rounded once to each array's dtype (integers: to the nearest)."""
+        out = {}
+        for key, hi in self.hi.items():
+            value = (hi + self.lo[key]) / weight
+            dtype = dtypes[key]
+            out[key] = value.to(dtype) if dtype.is_floating_point else value.round().to(dtype)
+        return out
+
+
+def _layout(arrays: dict[str, Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in arrays.items()}
+
+
 class GroupReply:
     """Builds a node's reply client by client (see the module docstring).
 
-    In mode "mean" each client's arrays are folded into a running example-weighted
-    sum as soon as it finishes, so a node serving hundreds of clients holds one
-    model's worth of sums, not one model per client.
+    In mode "mean" each client's arrays are folded into the group's running example-weighted
+    sum as soon as it finishes, so a node serving hundreds of clients holds one model's worth of
+    sums, not one model per client. Updates are validated before they get here (the runtime);
+    one whose layout still differs from the group's first update is rejected, not summed.
     """
 
     def __init__(self, mode: str) -> None:
@@ -75,8 +129,10 @@ class GroupReply:
         self.content = RecordDict()
         self.ok: list[int] = []
         self.failed: dict[int, str] = {}
-        self._sums: dict[str, Tensor] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
+        self.rejected: dict[int, str] = {}
+        self._sums = CompensatedSum()
+        self._layout: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+        self._summed: list[int] = []
         self._examples = 0.0
         self._metric_sums = {"loss": 0.0, "accuracy": 0.0}
 
@@ -85,8 +141,17 @@ class GroupReply:
         if outcome.error is not None:
             self.failed[pid] = outcome.error
             return
-        self.ok.append(pid)
+        if outcome.rejected is None and outcome.arrays is not None and self.mode == "mean":
+            layout = _layout(outcome.arrays)
+            if self._layout is not None and layout != self._layout:
+                differ = sorted(k for k in {*layout, *self._layout} if layout.get(k) != self._layout.get(k))
+                outcome.rejected = (f"arrays {', '.join(differ[:3])} differ in presence, shape or "
+                                    "dtype from the group's first update")
         self.content[f"{CLIENT_METRIC_PREFIX}{pid}"] = MetricRecord(outcome.metrics)
+        if outcome.rejected is not None:
+            self.rejected[pid] = outcome.rejected
+            return
+        self.ok.append(pid)
         if outcome.arrays is None:
             return
         if self.mode == "each":
@@ -94,35 +159,52 @@ class GroupReply:
             return
         n = float(outcome.metrics[NUM_EXAMPLES])
         for key, tensor in outcome.arrays.items():
-            self._dtypes.setdefault(key, tensor.dtype)
-            if key in self._sums:
-                self._sums[key].add_(tensor, alpha=n)  # in place: no temporaries per client
-            else:
-                self._sums[key] = tensor.double() * n
+            self._sums.add(key, tensor.double() * n)
+        self._layout = self._layout or _layout(outcome.arrays)
+        self._summed.append(pid)
         self._examples += n
         for k in self._metric_sums:
             self._metric_sums[k] += float(outcome.metrics[k]) * n
 
     def build(self) -> RecordDict:
-        status = {"ok": self.ok or [-1], "failed": list(self.failed) or [-1]}  # lists can't be empty
+        status: dict = {"ok": self.ok or [-1], "failed": list(self.failed) or [-1],  # lists can't be empty
+                        "rejected": list(self.rejected) or [-1]}
         status.update({f"error.{pid}": str(err) for pid, err in self.failed.items()})
+        status.update({f"rejected.{pid}": str(why) for pid, why in self.rejected.items()})
         self.content[STATUS_KEY] = ConfigRecord(status)
-        if self._sums and self._examples > 0:
-            mean = {}
-            for key, total in self._sums.items():
-                value = total / self._examples
-                dtype = self._dtypes[key]
-                mean[key] = value.to(dtype) if dtype.is_floating_point else value.round().to(dtype)
-            self.content["arrays"] = ArrayRecord(mean)
-            self.content["metrics"] = MetricRecord({
-                NUM_EXAMPLES: self._examples,
-                **{k: v / self._examples for k, v in self._metric_sums.items()}})
+        if self._summed and self._sums.hi and self._layout is not None:
+            self.content[SUMS_HI] = ArrayRecord(self._sums.hi)
+            self.content[SUMS_LO] = ArrayRecord(self._sums.lo)
+            self.content[SUMS_INFO] = ConfigRecord({
+                "pids": self._summed,
+                **{f"dtype.{k}": str(dtype).removeprefix("torch.") for k, (_, dtype) in self._layout.items()}})
+            if self._examples > 0:
+                self.content["metrics"] = MetricRecord({
+                    NUM_EXAMPLES: self._examples,
+                    **{k: v / self._examples for k, v in self._metric_sums.items()}})
         return self.content
+
+
+def group_sums(content: RecordDict) -> tuple[list[int], dict[str, Tensor], dict[str, Tensor],
+                                              dict[str, torch.dtype]] | None:
+    """(summed ids, sums, their errors, dtypes) of a mode-"mean" node reply (None: no sums)."""
+    if SUMS_HI not in content:
+        return None
+    info = content[SUMS_INFO]
+    dtypes = {k[len("dtype."):]: getattr(torch, str(v)) for k, v in info.items() if k.startswith("dtype.")}
+    return ([int(p) for p in info["pids"]], arrays_to_tensors(content[SUMS_HI]),
+            arrays_to_tensors(content[SUMS_LO]), dtypes)
 
 
 def ok_ids(status: ConfigRecord) -> list[int]:
     """Partition ids that succeeded (the -1 placeholder removed)."""
     return [int(p) for p in status["ok"] if int(p) >= 0]
+
+
+def rejected_ids(status: ConfigRecord) -> dict[int, str]:
+    """Partition id -> why its update was rejected."""
+    ids = [int(p) for p in status["rejected"] if int(p) >= 0] if "rejected" in status else []
+    return {pid: str(status.get(f"rejected.{pid}", "rejected")) for pid in ids}
 
 
 def as_tensor_dict(arrays: dict[str, Tensor]) -> dict[str, Tensor]:
