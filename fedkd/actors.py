@@ -9,7 +9,8 @@ raises `RayActorError`, a fresh actor takes the dead one's place in the pool. Th
 message that was running on it still fails, and the grouped strategy records each of
 its clients as failed with that reason; later rounds run normally.
 
-Idempotent; a no-op where Flower's Ray backend is not importable.
+Idempotent; a no-op where Flower's Ray backend is not importable. A stopping engine
+that kills its actors on purpose sets `pool.<STOPPING> = True` first, so none is replaced.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 _PATCHED = "_fedkd_replaces_dead_actors"
+#: set this attribute on a BasicActorPool to stop replacing its dead actors (engine shutdown)
+STOPPING = "fedkd_stopping"
 
 
 def replace_dead_actors() -> bool:
@@ -37,7 +40,7 @@ def replace_dead_actors() -> bool:
             return fetch(self, future)
         except ray.exceptions.RayActorError:
             dead = self._future_to_actor.get(future)
-            if dead is not None:
+            if dead is not None and not getattr(self, STOPPING, False):
                 # Flower's error path then returns this mapping's actor to the pool: the new one
                 self._future_to_actor[future] = self.create_actor_fn()
                 try:
