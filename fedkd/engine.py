@@ -144,24 +144,31 @@ class _Engine:
         self.server_done = threading.Event()
         self.simulation_done = threading.Event()
         self.backend: Any = None
-        self.local_ray: list[Any] = []  # psutil.Process of the Ray this run started, if any
-        self.workers: list[Any] = []  # their children (the raylet's agents and workers), as seen
+        self.starts_ray = False  # a local Ray, whose processes are this process's descendants
+        self.ray_processes: dict[int, Any] = {}  # psutil.Process of that Ray, as seen so far
         self.lock = threading.Lock()
+
+    def track_ray(self) -> list[Any]:
+        """Remember the local Ray's processes: a raylet that dies first (a signal to the
+        group) orphans its workers and agents, which are then no longer our descendants."""
+        if self.starts_ray:
+            for proc in _ray_descendants():
+                self.ray_processes.setdefault(proc.pid, proc)
+        return list(self.ray_processes.values())
 
     def cluster_lost(self) -> bool:
         """Whether the local Ray's GCS or raylet died (SIGTERM to the process group kills them):
         calls into Ray may then block for a minute, so nobody waits for them."""
         return any(proc.info["name"] in ("gcs_server", "raylet") and not _running(proc)
-                   for proc in self.local_ray)
+                   for proc in self.ray_processes.values())
 
     def stop(self) -> None:
         """Ask everything to end now: the ServerApp at its next grid call, the actors at once."""
         self.stopping.set()
         self.mute.set()
+        self.track_ray()
         with self.lock:
             backend = self.backend
-            # remembered now: a raylet that dies first (a signal to the group) orphans them
-            self.workers += _descendants(self.local_ray)
         if backend is not None:
             backend.kill_actors()
 
@@ -178,8 +185,7 @@ def _backend_class(engine: _Engine) -> type:
             super().__init__(backend_config)
             with engine.lock:
                 engine.backend = self
-                engine.local_ray = _local_ray_processes()
-                engine.workers = _descendants(engine.local_ray)
+            engine.track_ray()
             if engine.stopping.is_set():
                 raise EngineStopped
 
@@ -207,6 +213,10 @@ def _backend_class(engine: _Engine) -> type:
 
         def kill_actors(self) -> None:
             """Kill every actor now: a worker waiting on one gets an error at once."""
+            from fedkd.actors import STOPPING
+
+            if self.pool is not None:
+                setattr(self.pool, STOPPING, True)  # fedkd.actors: replace none of them
             if not ray.is_initialized():
                 return
             for actor in self._actors():
@@ -231,39 +241,27 @@ def _running(proc: Any) -> bool:
         return False
 
 
-def _local_ray_processes() -> list[Any]:
-    """This process's children that run the Ray it started (none when it joined a cluster)."""
+def _ray_descendants() -> list[Any]:
+    """This process's descendants that run Ray (GCS, raylet, agents, workers, monitors)."""
     import psutil
-    import ray
 
-    try:
-        session = ray._private.worker._global_node.get_session_dir_path()  # no public API
-    except Exception:  # noqa: BLE001
-        return []
     procs = []
-    for child in psutil.Process().children():
+    for proc in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if any(session in part for part in child.cmdline()):
-                child.info = {"name": child.name()}
-                procs.append(child)
+            name, cmdline = proc.name(), proc.cmdline()
+            if (name in ("gcs_server", "raylet") or name.startswith("ray::")
+                    or any(part.startswith("ray::") or f"{os.sep}ray{os.sep}" in part
+                           for part in cmdline)):
+                proc.info = {"name": name}
+                procs.append(proc)
     return procs
 
 
-def _descendants(procs: list[Any]) -> list[Any]:
+def _kill(procs: list[Any]) -> None:
+    """End a local Ray by its processes, not through Ray (whose calls may block)."""
     import psutil
 
-    found = []
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            found += proc.children(recursive=True)
-    return found
-
-
-def _kill_local_ray(procs: list[Any], workers: list[Any]) -> None:
-    """End a local Ray by its processes (and their children: the workers), not through Ray."""
-    import psutil
-
-    victims = [p for p in [*procs, *_descendants(procs), *workers] if _running(p)]
+    victims = [proc for proc in procs if _running(proc)]
     for proc in victims:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
@@ -379,6 +377,7 @@ def run_engine(server_app: Any, client_app: Any, num_supernodes: int,
     check_capacity(backend_config)
     _reinstall_signal_handler()  # joining a cluster (ray.init here) replaced our SIGTERM handler
     engine = _Engine()
+    engine.starts_ray = (backend_config.get("init_args") or {}).get("address") in (None, "", "local")
     app = _stoppable_server_app(server_app, engine)
     failure: list[BaseException] = []
 
@@ -423,7 +422,7 @@ def run_engine(server_app: Any, client_app: Any, num_supernodes: int,
             else:  # a thread is stuck in a Ray call: shutting Ray down under it can crash
                 _STATE.abandoned = True
             if engine.stopping.is_set():  # what a dead raylet left, or all of it when stuck
-                _kill_local_ray(engine.local_ray, engine.workers)
+                _kill(engine.track_ray())
             if engine.server_started.is_set() and not engine.server_done.is_set():
                 _STATE.abandoned = True
     if failure:
