@@ -123,9 +123,9 @@ def test_sweep_set_is_a_fixed_override_of_every_run(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(fedkd.simulation, "run_experiment", fake_run)
     monkeypatch.setattr(fedkd.ray_cluster, "warm_ray", lambda enabled: contextlib.nullcontext(None))
-    with pytest.raises(KeyboardInterrupt):
-        main(["sweep", QUICKSTART, "method.name=fedavg,fedprox", "--set", "train.lr=0.125",
-              "--set", "faults.clients=[0,1]", "--variant", "v", "--out", str(tmp_path)])
+    # the CLI turns the interrupt into its exit code (fedkd.engine.exit_on_signals)
+    assert main(["sweep", QUICKSTART, "method.name=fedavg,fedprox", "--set", "train.lr=0.125",
+                 "--set", "faults.clients=[0,1]", "--variant", "v", "--out", str(tmp_path)]) == 130
     (cfg, run_dir), = seen
     assert cfg.train.lr == 0.125 and list(cfg.faults.clients) == [0, 1]
     assert run_dir == tmp_path / "fedavg-v" / "seed0"
