@@ -8,6 +8,9 @@ and the main thread only waits, so a signal is handled where Python can handle i
 stop then (1) makes the ServerApp's next grid call raise `EngineStopped`, which ends its
 strategy loop, (2) kills the client actors, so no one waits for a round to finish, and
 (3) shuts Ray down; Flower's log is muted from then on (its errors are the stop's echo).
+When Ray itself is gone (SIGTERM to the process group kills the raylet) a thread can stay
+blocked in a Ray call: then the local Ray's processes are ended by pid, and once the report
+is written the process leaves with `os._exit` (a watchdog does the same after 45 s).
 
 `exit_on_signals` is the command line's half: it turns SIGINT/SIGTERM into `Interrupted`
 in the main thread (the run's `finally` writes the report on the way out) and maps it to
