@@ -140,6 +140,15 @@ class ClientAlgorithm(ABC):
         override it)."""
         return ExpectedArrays.like(self.initial_arrays())
 
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        """Exactly the model `evaluate` scores for this client: one module whose `state_dict`
+        holds every part it needs (frozen or auxiliary parts included), so the saved model
+        (`fedkd.saved_model`) is the evaluated one. Built from `received` and `state`; with an
+        empty state it is the seeded skeleton that saved weights load into. `server_round`
+        picks the stage of a staged method (None: its last)."""
+        raise NotImplementedError(f"{type(self).__name__} does not build an inference model")
+
     @abstractmethod
     def train(self, received: Arrays, state: dict[str, Any], data: ClientData,
               info: RoundInfo) -> TrainResult:
@@ -333,9 +342,14 @@ class PersonalModelOnly(ClientAlgorithm):
         """What goes to the server after training (nothing, for local training)."""
         return {}
 
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        return self.personal.load(state, self.model_name(partition_id))
+
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
-        return evaluate_model(self.own_model(state, info), data.x_test, data.y_test)
+        model = self.inference_model(received, state, info.partition_id, info.server_round)
+        return evaluate_model(model, data.x_test, data.y_test)
 
 
 class PartialSharing(ClientAlgorithm):
@@ -402,6 +416,11 @@ class PartialSharing(ClientAlgorithm):
         """FedProx's mu: sent by the FedProx strategy as `proximal-mu` (0 otherwise)."""
         return float(info.server_config.get("proximal-mu", 0.0))
 
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        return self.load(received, state)
+
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
-        return evaluate_model(self.load(received, state), data.x_test, data.y_test)
+        model = self.inference_model(received, state, info.partition_id, info.server_round)
+        return evaluate_model(model, data.x_test, data.y_test)

@@ -484,6 +484,14 @@ class BetaKDClient(StagedMethod):
         return torch.as_tensor(mask, device=self.device) if len(mask) == n else None
 
     # -- evaluation ----------------------------------------------------------------------------
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        """The stage's headline model: the multimodal teacher, then the `headline` variant's
+        student (packed AV-MNIST inputs -> logits)."""
+        if self.stage_at(server_round) == "teachers":
+            return self._load_teachers(state)["multimodal"]
+        return self._load_variants(state)[self.settings.headline].student
+
     @torch.no_grad()
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
@@ -493,7 +501,6 @@ class BetaKDClient(StagedMethod):
         self._load_teachers(state).eval()  # teacher_outputs reads the loaded teachers
         sets = split_test(data.x_test, data.y_test)
         extra: dict[str, float] = {}
-        head: dict[str, tuple[float, float]] = {}
         variants = self._load_variants(state).eval() if stage != "teachers" else None
         for test_name, (x, y) in sets.items():
             teacher = self.teacher_outputs(x)
@@ -501,7 +508,6 @@ class BetaKDClient(StagedMethod):
                 acc, nll = accuracy_nll(teacher[t][0], y)
                 extra[f"teacher-{t}-accuracy-{test_name}"] = acc
                 extra[f"teacher-{t}-nll-{test_name}"] = nll
-                head[f"teacher-{t}-{test_name}"] = (acc, nll)
             if variants is None:
                 continue
             for name, v in variants.items():
@@ -509,7 +515,6 @@ class BetaKDClient(StagedMethod):
                 acc, nll = accuracy_nll(logits, y)
                 extra[f"{name}-accuracy-{test_name}"] = acc
                 extra[f"{name}-nll-{test_name}"] = nll
-                head[f"{name}-{test_name}"] = (acc, nll)
                 if v.mode == "instance":
                     w = normalized_weights(v.instance_log_vars(teacher)).mean(0)
                     extra.update({f"{name}-weight-{c}-{test_name}": float(a)
@@ -524,7 +529,7 @@ class BetaKDClient(StagedMethod):
                     if v.multi:
                         extra.update({f"{name}-teacher-weight-{t}": float(a)
                                       for t, a in zip(v.teachers, normalized_weights(s[1:]))})
-        key = "teacher-multimodal" if stage == "teachers" else self.settings.headline
-        acc, nll = head[f"{key}-clean"]
+        model = self.inference_model(received, state, info.partition_id, info.server_round).eval()
+        acc, nll = accuracy_nll(model(sets["clean"][0]), sets["clean"][1])
         return EvalResult(nll, acc, len(sets["clean"][1]), extra)
 

@@ -151,18 +151,28 @@ class FedProtoClient(ClassTableSharing):
             loss = loss + self.settings.lam * feature_distance(features, rows, mask)
         return loss, logits, features
 
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        """The personal model with the received global prototypes (NearestPrototype)."""
+        model = self.personal.load(state, self.model_name(partition_id))
+        table = self.global_table(received)
+        if table is None:
+            table = (torch.zeros(self.num_classes, model.feature_dim, device=self.device),
+                     torch.zeros(self.num_classes, dtype=torch.bool, device=self.device))
+        return NearestPrototype(model, *table)
+
     @torch.no_grad()
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
-        model = self.own_model(state, info).eval()
-        head = evaluate_model(model, data.x_test, data.y_test)
-        table = self.global_table(received)
-        if table is None:
+        predictor = self.inference_model(received, state, info.partition_id, info.server_round)
+        head = evaluate_model(predictor.model, data.x_test, data.y_test)
+        if not predictor.has_prototypes:
             head.metrics = {"head-accuracy": head.accuracy}
             return head
+        predictor.eval()
         correct = 0
         for start in range(0, len(data.y_test), 1000):
-            predicted = self.predict(model, data.x_test[start:start + 1000], *table)
+            predicted = predictor(data.x_test[start:start + 1000]).argmax(1)
             correct += int((predicted == data.y_test[start:start + 1000]).sum())
         n = len(data.y_test)
         return EvalResult(head.loss, correct / max(n, 1), n, {"head-accuracy": head.accuracy})
@@ -170,5 +180,31 @@ class FedProtoClient(ClassTableSharing):
     @staticmethod
     def predict(model: FedModel, x: Tensor, protos: Tensor, present: Tensor) -> Tensor:
         """The class of the nearest global prototype (mean squared distance); absent classes never."""
-        dist = (model.features(x).unsqueeze(1) - protos.unsqueeze(0)).pow(2).mean(-1)
-        return dist.masked_fill(~present, float("inf")).argmin(1)
+        return prototype_logits(model.features(x), protos, present).argmax(1)
+
+
+def prototype_logits(features: Tensor, protos: Tensor, present: Tensor) -> Tensor:
+    """Minus the mean squared distance of each feature to each global prototype, -inf for the
+    classes without one: the argmax is the nearest prototype's class."""
+    dist = (features.unsqueeze(1) - protos.unsqueeze(0)).pow(2).mean(-1)
+    return (-dist).masked_fill(~present, float("-inf"))
+
+
+class NearestPrototype(nn.Module):
+    """FedProto's predictor as one module: the personal model plus the global prototypes it
+    reads (buffers); logits `prototype_logits`, or the model's head before any prototype exists."""
+
+    def __init__(self, model: FedModel, prototypes: Tensor, present: Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("prototypes", prototypes)
+        self.register_buffer("present", present)
+
+    @property
+    def has_prototypes(self) -> bool:
+        return bool(self.present.any())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.has_prototypes:
+            return self.model(x)
+        return prototype_logits(self.model.features(x), self.prototypes, self.present)

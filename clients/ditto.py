@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from fedkd.clients.base import (Arrays, ClientData, EvalResult, PartialSharing, PrivateModel,
                                 RoundInfo, TrainResult, evaluate_model, proximal_term, train_epochs)
 from fedkd.config import setting
@@ -50,9 +52,15 @@ class DittoClient(PartialSharing):
         result.metrics.update({f"personal-{k}": v for k, v in personal_metrics.items()})
         return result
 
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        """The personal model (the global model is `global_model`)."""
+        return self.personal.load(state, self.cfg.model.name)
+
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
-        own = evaluate_model(self.personal.load(state, self.cfg.model.name), data.x_test, data.y_test)
+        personal = self.inference_model(received, state, info.partition_id, info.server_round)
+        own = evaluate_model(personal, data.x_test, data.y_test)
         shared = evaluate_model(self.load(received, state), data.x_test, data.y_test)
         own.metrics = {"global-accuracy": shared.accuracy, "global-loss": shared.loss}
         return own

@@ -344,10 +344,17 @@ class FedKDMentorClient(ClientAlgorithm):
         return TrainResult(arrays, metrics, len(data.y_train),
                            self.aggregation_weight(len(data.y_train)))
 
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        """The mentor (the mentee is `global_model`)."""
+        self.mentor.load_state_dict(state.get(MENTOR) or self._init[MENTOR])
+        return self.mentor
+
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
         self.load(received, state, info.server_round)
         mentee = evaluate_model(self.mentee, data.x_test, data.y_test)
-        result = evaluate_model(self.mentor, data.x_test, data.y_test)
+        mentor = self.inference_model(received, state, info.partition_id, info.server_round)
+        result = evaluate_model(mentor, data.x_test, data.y_test)
         result.metrics = {"mentee-accuracy": mentee.accuracy, "mentee-loss": mentee.loss}
         return result

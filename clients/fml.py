@@ -66,10 +66,15 @@ class FMLClient(PartialSharing):
         self.local.save(state)
         return metrics
 
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        """The local model (the meme is `global_model`)."""
+        return self.local.load(state, self.model_name(partition_id))
+
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
-        own = evaluate_model(self.local.load(state, self.model_name(info.partition_id)),
-                             data.x_test, data.y_test)
+        local = self.inference_model(received, state, info.partition_id, info.server_round)
+        own = evaluate_model(local, data.x_test, data.y_test)
         meme = evaluate_model(self.load(received, state), data.x_test, data.y_test)
         own.metrics = {"meme-accuracy": meme.accuracy}
         return own

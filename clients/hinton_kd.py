@@ -102,6 +102,12 @@ class HintonKDClient(StagedMethod):
         metrics["baseline-loss"] = baseline_loss[0] / max(baseline_loss[1], 1)
         return metrics, dict(self._save("student", state))
 
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        """The stage's model: the teacher, then the KD student."""
+        teacher_stage = self.stage_at(server_round) == "teacher"
+        return self._load("teacher" if teacher_stage else "student", state)
+
     @torch.no_grad()
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
@@ -115,7 +121,7 @@ class HintonKDClient(StagedMethod):
             extra[f"{n}-ece"] = expected_calibration_error(z, data.y_test)
         if stage != "teacher":
             extra["teacher-student-agreement"] = agreement(logits["teacher"], logits["student"])
-        headline = evaluate_model(self.nets["teacher" if stage == "teacher" else "student"],
-                                  data.x_test, data.y_test)
+        headline = evaluate_model(self.inference_model(received, state, info.partition_id,
+                                                       info.server_round), data.x_test, data.y_test)
         headline.metrics = extra
         return headline

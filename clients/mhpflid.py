@@ -295,9 +295,15 @@ class MHPFLIDClient(PartialSharing):
             private.save(state)
         return {**injected, **{f"messenger-{k}": v for k, v in distilled.items()}}
 
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        """The local model: the headline (the messenger through T is a side metric)."""
+        return self.local.load(state, self.model_name(partition_id))
+
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
-        local, messenger, _, transmitter = _parts(self.modules(received, state, info))
+        _, messenger, _, transmitter = _parts(self.modules(received, state, info))
+        local = self.inference_model(received, state, info.partition_id, info.server_round)
         own = evaluate_model(local, data.x_test, data.y_test)
         seen = evaluate_model(BridgedMessenger(messenger, local, transmitter), data.x_test, data.y_test)
         own.metrics = {"messenger-accuracy": seen.accuracy, "messenger-loss": seen.loss}

@@ -425,6 +425,47 @@ def distill_objective(student: nn.Module, inputs: Tensor, targets: Tensor, proto
     return objective
 
 
+class PrototypeStudent(nn.Module):
+    """A student served alone (the clean stage): cosine logits / tau against the prototypes."""
+
+    def __init__(self, student: nn.Module, prototypes: Tensor, tau: float) -> None:
+        super().__init__()
+        self.student, self.tau = student, tau
+        self.register_buffer("prototypes", prototypes)
+
+    def logits(self, embeddings: Tensor) -> Tensor:
+        return prototype_logits(embeddings, self.prototypes, self.tau)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits(embed_all(self.student, x))
+
+
+class FusedStudents(nn.Module):
+    """The model Mix-CLAP serves: both students, fused by entropy minimization over the batch it
+    is given (`fusion: per_condition`: one batch = one test condition; `per_clip`: per clip), as
+    cosine logits / tau against the class prototypes. tau and the fusion mode are its non-tensor
+    state (`get_extra_state`)."""
+
+    def __init__(self, clean: nn.Module, noisy: nn.Module, prototypes: Tensor, grid: Tensor,
+                 tau: float, mode: str) -> None:
+        super().__init__()
+        self.clean, self.noisy, self.tau, self.mode = clean, noisy, tau, mode
+        self.register_buffer("prototypes", prototypes)
+        self.register_buffer("grid", grid)
+
+    def fuse(self, e_clean: Tensor, e_noisy: Tensor) -> FusionResult:
+        return entropy_fusion(e_clean, e_noisy, self.prototypes, self.tau, self.grid, self.mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fuse(embed_all(self.clean, x), embed_all(self.noisy, x)).logits
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"tau": self.tau, "fusion": self.mode}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.tau, self.mode = float(state["tau"]), str(state["fusion"])
+
+
 def _fingerprint(tensors: dict[str, Tensor]) -> str:
     h = hashlib.sha1()
     for k in sorted(tensors):
@@ -561,6 +602,23 @@ class MixCLAPClient(StagedMethod):
         return metrics, dict(self._save(name, state))
 
     # evaluation
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        """The stage's serving model: the teacher (its head), the clean student against the
+        prototypes (PrototypeStudent), then both students fused (FusedStudents). The prototypes
+        come from the state (zeros in a skeleton built before any)."""
+        stage, s = self.stage_at(server_round), self.settings
+        if stage == "teacher":
+            return self._load("teacher", state)
+        prototypes = state.get("prototypes")
+        prototypes = (torch.zeros(self.num_classes, s.embed_dim) if prototypes is None
+                      else prototypes.clone()).to(self.device)
+        clean = self._load("student_clean", state)
+        if stage == "clean":
+            return PrototypeStudent(clean, prototypes, s.tau)
+        return FusedStudents(clean, self._load("student_noisy", state), prototypes,
+                             self.grid.clone(), s.tau, s.fusion)
+
     @torch.no_grad()
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
@@ -570,7 +628,8 @@ class MixCLAPClient(StagedMethod):
         extra: dict[str, float] = {"teacher-params": float(num_params(self.nets["teacher"])),
                                    "student-params": float(num_params(self.nets["student_clean"]))}
         if stage == "teacher":
-            teacher = self._load("teacher", state).eval()
+            teacher = self.inference_model(received, state, info.partition_id,
+                                           info.server_round).eval()
             accs, nlls = [], []
             for label, x in conds.items():
                 z = embed_all(teacher, x)
@@ -580,13 +639,14 @@ class MixCLAPClient(StagedMethod):
             extra["teacher-head-accuracy-mean"] = float(np.mean(accs))
             return EvalResult(float(np.mean(nlls)), float(np.mean(accs)), n, extra)
         prototypes, _ = self.teacher_products(state, data)
+        served = self.inference_model(received, state, info.partition_id, info.server_round).eval()
         extra.update(self._teacher_metrics(state, conds, y, prototypes))
         clean = self._load("student_clean", state).eval()
         e_clean = {label: embed_all(clean, x) for label, x in conds.items()}
         if stage == "clean":
             accs, nlls = [], []
             for label, e in e_clean.items():
-                z = prototype_logits(e, prototypes, s.tau)
+                z = served.logits(e)
                 accs.append(_accuracy(z, y))
                 nlls.append(float(F.cross_entropy(z, y)))
                 extra[f"clean-student-accuracy-{label}"] = accs[-1]
@@ -597,7 +657,7 @@ class MixCLAPClient(StagedMethod):
         per: dict[str, list[float]] = {}
         for label, x in conds.items():
             e_c, e_n = e_clean[label], embed_all(noisy, x)
-            fusion = entropy_fusion(e_c, e_n, prototypes, s.tau, self.grid, s.fusion)
+            fusion = served.fuse(e_c, e_n)
             oracle = grid_accuracies(e_c, e_n, prototypes, s.tau, self.grid, y)
             best = int(oracle.numel() - 1 - torch.argmax(oracle.flip(0)))
             row = {"fused": _accuracy(fusion.logits, y),

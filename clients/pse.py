@@ -377,6 +377,29 @@ class PSEModel(nn.Module):
         return self.parts(x).logits
 
 
+class PSEPredictor(nn.Module):
+    """A PSEModel with everything it reads in its own state_dict: the frozen global model
+    (registered here, as `global_model`) and, with feature-level excitation (`convs` given), the
+    excitation weights as buffers (zeros, i.e. no excitation, for a client that never trained)."""
+
+    def __init__(self, fused: PSEModel, convs: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.fused = fused
+        self.global_model = fused.global_model
+        if convs is not None:
+            given = fused.feature_alpha or {}
+            alpha = {}
+            for i, conv in enumerate(convs):
+                channels = fused.local.get_submodule(conv).out_channels
+                a = given[conv].detach().clone() if conv in given else torch.zeros(channels)
+                self.register_buffer(f"excitation_{i}", a)
+                alpha[conv] = getattr(self, f"excitation_{i}")
+            fused.feature_alpha, fused.needs_global = alpha, True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fused(x)
+
+
 # ---- settings checks ------------------------------------------------------------------------
 
 
@@ -556,23 +579,43 @@ class PSEClient(PartialSharing):
         return TrainResult({k: local[k] for k in self.shared_keys}, metrics, len(data.y_train),
                            self.aggregation_weight(len(data.y_train)))
 
-    def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
-                 info: RoundInfo) -> EvalResult:
-        """The fused personalized model on the test split, reading the global model that
-        `eval_global` names; the received global model alone and the fused model with the other
-        global model beside it."""
-        snapshot = self.load_snapshot(received)
-        local = self.load_local(state, snapshot)
+    def eval_globals(self, snapshot: FedModel, state: dict[str, Any]
+                     ) -> tuple[dict[str, FedModel], str]:
+        """The global models the fused model can read at evaluation ("received": `snapshot`;
+        "round_start" once trained) and the one `eval_global` names."""
         globals_ = {"received": snapshot}
         if ROUND_START_GLOBAL in state:  # trained at least once
             self.round_start.load_state_dict(state[ROUND_START_GLOBAL])
             globals_["round_start"] = self.round_start
         chosen = self.settings.eval_global if self.settings.eval_global in globals_ else "received"
+        return globals_, chosen
+
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        """The fused personalized model evaluate scores: local model, A and h over the global
+        model `eval_global` names, all in one PSEPredictor."""
+        s: PSESettings = self.settings
+        snapshot = self.load_snapshot(received)
+        local = self.load_local(state, snapshot)
+        globals_, chosen = self.eval_globals(snapshot, state)
+        features = s.excitation and s.excite_on == "features"
+        return PSEPredictor(self.personalized_model(local, globals_[chosen], state),
+                            [layer.conv for layer in self.layers] if features else None)
+
+    def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
+                 info: RoundInfo) -> EvalResult:
+        """The fused personalized model on the test split, reading the global model that
+        `eval_global` names; the received global model alone and the fused model with the other
+        global model beside it."""
+        own = evaluate_model(self.inference_model(received, state, info.partition_id,
+                                                  info.server_round), data.x_test, data.y_test)
+        snapshot = self.load_snapshot(received)
+        local = self.load_local(state, snapshot)
+        globals_, chosen = self.eval_globals(snapshot, state)
         fused = {name: evaluate_model(self.personalized_model(local, model, state),
                                       data.x_test, data.y_test)
-                 for name, model in globals_.items()}
+                 for name, model in globals_.items() if name != chosen}
         shared = evaluate_model(snapshot, data.x_test, data.y_test)
-        own = fused.pop(chosen)
         own.metrics = {"global-accuracy": shared.accuracy, "global-loss": shared.loss,
                        **{f"fused-with-{name}-accuracy": r.accuracy for name, r in fused.items()}}
         return own

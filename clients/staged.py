@@ -45,6 +45,11 @@ class StagedMethod(ClientAlgorithm):
     def initial_arrays(self) -> Arrays:
         return {}
 
+    def stage_at(self, server_round: int | None) -> str:
+        """The stage `server_round` falls in (None: the last stage, whose model a run ends with)."""
+        stages = self.stages(self.settings)
+        return stages[-1][0] if server_round is None else stage_of(stages, server_round)[1]
+
     def expected_arrays(self, info: RoundInfo) -> ExpectedArrays | None:
         """The keys change per stage (the stage's model is what travels): `stage_arrays`."""
         return self.stage_arrays(stage_of(self.stages(self.settings), info.server_round)[1])

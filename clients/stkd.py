@@ -390,6 +390,12 @@ class STKDClient(StagedMethod):
         metrics["loss"], metrics["accuracy"] = metrics["stkd-loss"], -metrics["stkd-recon"]
         return metrics, _clone(self.nets["stkd"].state_dict())
 
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        """The headline detector: the stkd variant's autoencoder (anomaly score:
+        `anomaly_score(model, x)`, the reconstruction error)."""
+        return self._load("stkd", state)
+
     @torch.no_grad()
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
@@ -397,7 +403,9 @@ class STKDClient(StagedMethod):
         metrics: dict[str, float] = {}
         mean_score = 0.0
         for v in VARIANTS:
-            scores = score_all(self._load(v, state), data.x_test)
+            model = (self.inference_model(received, state, info.partition_id, info.server_round)
+                     if v == "stkd" else self._load(v, state))
+            scores = score_all(model, data.x_test)
             s_np = scores.cpu().numpy()
             metrics[f"{v}-auroc"] = auroc(s_np, y_test)
             metrics[f"{v}-auprc"] = average_precision(s_np, y_test)

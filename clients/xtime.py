@@ -190,6 +190,45 @@ class _Targets:
         self.rows = torch.arange(len(y), dtype=torch.float32, device=dev).unsqueeze(1)
 
 
+def run_expert(model: FedModel, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(prediction (B, 1), last hidden layer h (B, D)) on already prepared inputs."""
+    h = model.features(x)
+    return model.head(h), h
+
+
+def router_inputs(experts: list[FedModel], x: Tensor) -> tuple[Tensor, Tensor]:
+    """u = [yhat_0..yhat_K, h_0..h_K] (B, (K+1)(1+D)) and the predictions (B, K+1)."""
+    outs = [run_expert(e, x) for e in experts]
+    preds = torch.cat([p for p, _ in outs], dim=1)
+    return torch.cat([preds, *[h for _, h in outs]], dim=1), preds
+
+
+class Forecaster(nn.Module):
+    """What a stage serves, as one module on raw windows -> standardized OT forecast (B, 1): the
+    stage's expert alone (`router` None), or the router's fusion of all experts."""
+
+    def __init__(self, experts: list[FedModel], router: FedModel | None, wavelet: bool) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        self.router = router
+        self.wavelet = wavelet
+
+    def forward(self, x: Tensor) -> Tensor:
+        xp = haar1(x) if self.wavelet else x
+        if self.router is None:
+            return run_expert(self.experts[0], xp)[0]  # type: ignore[arg-type]
+        u, preds = router_inputs(list(self.experts), xp)  # type: ignore[arg-type]
+        return fuse(self.router(u), preds)[0]
+
+
+@torch.no_grad()
+def forecast(model: nn.Module, x: Tensor, batch_size: int = 2048) -> np.ndarray:
+    """`model`'s forecasts of `x` in evaluation-sized chunks (as `XTimeClient.predictions`)."""
+    model.eval()
+    return np.concatenate([model(x[i:i + batch_size]).reshape(-1).cpu().numpy()
+                           for i in range(0, len(x), batch_size)])
+
+
 class XTimeClient(StagedMethod):
     """Experts E_0..E_K, the router and the B4 variants, all kept in the client state."""
 
@@ -263,15 +302,10 @@ class XTimeClient(StagedMethod):
     # --- forward passes ------------------------------------------------------------------------
 
     def run_expert(self, model: FedModel, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(prediction (B, 1), last hidden layer h (B, D)) on already prepared inputs."""
-        h = model.features(x)
-        return model.head(h), h
+        return run_expert(model, x)
 
     def router_inputs(self, experts: list[FedModel], x: Tensor) -> tuple[Tensor, Tensor]:
-        """u = [yhat_0..yhat_K, h_0..h_K] (B, (K+1)(1+D)) and the predictions (B, K+1)."""
-        outs = [self.run_expert(e, x) for e in experts]
-        preds = torch.cat([p for p, _ in outs], dim=1)
-        return torch.cat([preds, *[h for _, h in outs]], dim=1), preds
+        return router_inputs(experts, x)
 
     # --- training ------------------------------------------------------------------------------
 
@@ -415,6 +449,19 @@ class XTimeClient(StagedMethod):
                 put("b4", fuse(b4_router(u4), preds4)[0])
         return {k: np.concatenate(v) for k, v in out.items()}
 
+    def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,
+                        server_round: int | None = None) -> nn.Module:
+        """The stage's forecaster: E_k in expert stage k, the router over all experts after."""
+        stage = self.stage_at(server_round)
+
+        def stored(name: str) -> FedModel:  # the seeded module stands in where the state has none
+            return self.load(name, state) if name in state else self.nets[name]  # type: ignore
+
+        wavelet = self.settings.wavelet == "haar1"
+        if stage == "router":
+            return Forecaster([stored(n) for n in self.expert_names()], stored("router"), wavelet)
+        return Forecaster([stored(stage)], None, wavelet)
+
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
         """Test metrics of every stored model (prefixed), the current stage's model unprefixed,
@@ -434,7 +481,8 @@ class XTimeClient(StagedMethod):
                 if not key.startswith("n-"):
                     metrics[f"{name}-{key}"] = value
         # the current stage's model; NaN if it does not exist yet (evaluated before training)
-        main = preds.get(headline, np.full(len(y), np.nan))
+        served = self.inference_model(received, state, info.partition_id, info.server_round)
+        main = forecast(served, data.x_test) if headline in preds else np.full(len(y), np.nan)
         metrics.update(forecast_metrics(main[test], y[test], tau, s.rarity_on, s.min_level_samples))
         for key, value in forecast_metrics(main[val], y[val], tau, s.rarity_on,
                                            s.min_level_samples).items():
