@@ -134,6 +134,9 @@ def judge_outcome(run_dir: Path) -> str | None:
 def run_experiment(cfg: FedkdConfig, run_dir: str | Path | None = None,
                    quiet: bool = False) -> Path:
     """Run one validated config end to end; returns the run directory (report written)."""
+    from fedkd.engine import check_capacity
+
+    check_capacity(backend_config(cfg))  # a client that cannot fit: one line, no run directory
     return execute(cfg, prepare_run_dir(cfg, run_dir), None, quiet)
 
 
@@ -183,9 +186,11 @@ def execute(cfg: FedkdConfig, run_dir: Path, checkpoint: Checkpoint | None, quie
 def simulate(cfg: FedkdConfig, run_dir: Path, recorder: Recorder, progress: RunProgress,
              checkpoint: Checkpoint | None) -> str:
     """Flower's Simulation Engine over the run; "complete" when the server loop finished."""
+    from fedkd.actors import replace_dead_actors
     from fedkd.apps import build_server_app, client_app
     from fedkd.engine import run_engine
 
+    replace_dead_actors()  # a worker that dies (OOM killer) fails its round's group, not later ones
     results: dict = {}
     with progress, quiet_flower(True):
         run_engine(server_app=build_server_app(cfg, run_dir, recorder, results, checkpoint),
@@ -207,5 +212,16 @@ def finish_run(run_dir: Path, cfg: FedkdConfig, recorder: Recorder, status: str,
         status = "failed" if reason else status
     elif status == "failed":
         reason = "the simulation stopped before its last round"
+    if status == "complete":
+        keep_model(run_dir, cfg)
     write_run_info(run_dir, cfg, status, time.perf_counter() - started, reason)
     write_outputs(run_dir)
+
+
+def keep_model(run_dir: Path, cfg: FedkdConfig) -> None:
+    """Save the model every client evaluated last (`model/`, see `fedkd.saved_model`), from the
+    last checkpoint's global arrays and the clients' state files."""
+    from fedkd.saved_model import save_model
+
+    checkpoint = load_checkpoint(run_dir)
+    save_model(run_dir, cfg, checkpoint.arrays if checkpoint else {})

@@ -110,8 +110,6 @@ def test_client_cpus_beyond_the_machine_is_a_one_line_config_error(too_many_cpus
     assert result.stderr.startswith("error: simulation.client_cpus=") and "CPUs" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="run_experiment creates the run directory before the engine "
-                   "checks capacity; needs fedkd.engine.check_capacity before prepare_run_dir")
 def test_client_cpus_beyond_the_machine_leaves_no_run_directory(too_many_cpus) -> None:
     _, tmp, _ = too_many_cpus
     assert not (tmp / "run").exists() and not list(tmp.glob("runs/*"))
