@@ -163,7 +163,12 @@ def test_every_registered_method_has_a_case() -> None:
     assert set(CASES) == set(registry.METHODS)
 
 
-@pytest.mark.parametrize("case", [*sorted(CASES), *EXTRA])
+#: cases whose teachers run over a whole audio(-visual) set (~30-60 s each on 2 cores): `-m slow`
+SLOW = {"betakd", "mixclap"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c
+                                  for c in [*sorted(CASES), *EXTRA]])
 def test_saved_model_reproduces_each_clients_last_recorded_score(tmp_path: Path, case: str) -> None:
     experiment, overrides = {**CASES, **EXTRA}[case]
     cfg = in_process_run(tmp_path, experiment, overrides)
