@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedkd.checkpoint import KILL_AFTER_ENV, checkpoint_round
+from fedkd.cli import main
 from fedkd.config import load_config
 from fedkd.rundir import resume_hint, run_status
 from fedkd.simulation import prepare_run_dir
@@ -45,7 +46,8 @@ def _wait_for_round(run_dir: Path, phase: str, server_round: int, proc: subproce
     raise AssertionError(f"round {server_round} {phase} never started: {proc.stderr.read() if proc.stderr else ''}")
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path: Path, ray_address: str) -> None:
+def test_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path: Path, ray_address: str,
+                                                        capsys: pytest.CaptureFixture) -> None:
     overrides = [*SIX_ROUNDS, f"simulation.ray_address={ray_address}"]
     # the reference: the same run uninterrupted (in-process: same ClientApp, same seeds)
     cfg = load_config(CONFIG, SIX_ROUNDS)
@@ -70,9 +72,9 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path: Path, ray_addr
     assert run_status(mid) == "incomplete"
 
     # --run-dir on an unfinished run is refused with one line naming --resume
-    refused = _fedkd("run", CONFIG, *overrides, "--run-dir", str(mid))
-    _, err = refused.communicate(timeout=120)
-    assert refused.returncode == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert main(["run", CONFIG, *overrides, "--run-dir", str(mid)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and len(err.strip().splitlines()) == 1
 
     for run_dir in (after, mid):
         resumed = _fedkd("run", "--resume", str(run_dir), "--quiet")  # joins the same Ray cluster
