@@ -39,7 +39,6 @@ KINDS = {"none": [], "raise": ["faults.kind=raise"], "nan": ["faults.kind=nan"],
          "inf": ["faults.kind=inf"], "shape": ["faults.kind=shape"],
          "missing_key": ["faults.kind=missing_key"], "scale -10": ["faults.kind=scale"],
          "scale -10, norm check": ["faults.kind=scale", "validation.norm_check=true"]}
-TIMING = {"seconds", "worker_pid", "wall_seconds", "seconds_per_round", "train_seconds", "status_reason"}
 
 
 def _outcome(run_dir: Path) -> dict:
@@ -51,11 +50,8 @@ def _outcome(run_dir: Path) -> dict:
 
 def fault_table(tmp: Path) -> list[dict]:
     """Every (strategy, kind) in-process, then `kill` under Ray."""
-    from fedkd.apps import run_server
     from fedkd.config import load_config
-    from fedkd.recorder import Recorder
-    from fedkd.simulation import finish_run, prepare_run_dir
-    from fedkd.testing import InProcessGrid
+    from fedkd.testing import InProcessGrid, run_in_process
 
     rows = []
     for strategy, s_over in STRATEGIES.items():
@@ -63,15 +59,11 @@ def fault_table(tmp: Path) -> list[dict]:
         for kind, k_over in KINDS.items():
             faulty = ["faults.clients=[0,1]"] if k_over else []
             cfg = load_config(QUICKSTART, [*SMALL, *s_over, *faulty, *k_over])
-            run_dir = prepare_run_dir(cfg, tmp / f"{strategy}-{kind.replace(' ', '_').replace(',', '')}")
-            recorder, status = Recorder(run_dir), "failed"
+            run_dir = tmp / f"{strategy}-{kind.replace(' ', '_').replace(',', '')}"
             try:
-                run_server(InProcessGrid(3), cfg, run_dir, recorder)
-                status = "complete"
-            except Exception as exc:  # a crash is a finding: record it
+                run_in_process(cfg, run_dir, InProcessGrid(3))
+            except Exception as exc:  # a crash is a finding: record it (the report is written)
                 print(f"{strategy} {kind}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            finally:
-                finish_run(run_dir, cfg, recorder, status, time.perf_counter())
             row = {"strategy": strategy, "fault": kind, **_outcome(run_dir)}
             clean = row["accuracy"] if kind == "none" else clean
             row["vs_fault_free"] = (None if row["accuracy"] is None or clean is None
@@ -102,14 +94,6 @@ def _kill_rows(tmp: Path) -> list[dict]:
     return rows
 
 
-def _records(run_dir: Path) -> list[dict]:
-    phases = {"train": 0, "evaluate": 1, "central": 2}
-    recs = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return sorted((r for r in recs if r["phase"] != "round"),
-                  key=lambda r: (r["round"], phases.get(r["phase"], 3), r.get("partition_id", -1)))
-
-
 def _fedkd(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fedkd.cli", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -118,6 +102,7 @@ def _fedkd(*args: str) -> subprocess.Popen:
 def kill_resume(tmp: Path, kills: int, seed: int = 0) -> dict:
     """`kills` runs killed with SIGKILL at seeded random times, each resumed until complete."""
     from fedkd.ray_cluster import warm_ray
+    from fedkd.testing import comparable_records as _records
 
     rng = random.Random(seed)
     with warm_ray() as address:

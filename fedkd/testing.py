@@ -23,7 +23,9 @@ and the test can inspect every message in both directions:
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Mapping, Sequence
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +35,9 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.wire import NUM_EXAMPLES, ClientOutcome, GroupReply, reply_message
+
+if TYPE_CHECKING:
+    from fedkd.config import FedkdConfig
 
 
 def fake_reply(arrays: Mapping[str, np.ndarray | torch.Tensor], num_examples: int,
@@ -125,3 +130,45 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+#: what may differ between two runs of the same config and seed (wall-clock measurements)
+TIMING_FIELDS = frozenset({"seconds", "worker_pid", "wall_seconds", "seconds_per_round",
+                           "train_seconds", "status_reason"})
+
+
+def comparable_records(run_dir: str | Path) -> list[dict]:
+    """A run's metrics.jsonl without timings (and round-time records), in (round, phase, client)
+    order: replies of one phase arrive in any order under Ray, their content may not differ. Two
+    runs of one config and seed, resumed or not, on any number of workers, give equal lists."""
+    phases = {"train": 0, "evaluate": 1, "central": 2}
+    records = [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
+               for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return sorted((r for r in records if r["phase"] != "round"),
+                  key=lambda r: (r["round"], phases.get(r["phase"], 3), r.get("partition_id", -1)))
+
+
+def run_in_process(cfg: "FedkdConfig", run_dir: str | Path, grid: InProcessGrid,
+                   resume: bool = False) -> Path:
+    """A whole run (or its continuation from the last checkpoint, `resume`) through the real
+    strategy stack and ClientApp on `grid`, with the run directory's whole life: records,
+    checkpoints, status, saved model and report, as `fedkd run` writes them. The directory is
+    prepared first unless it holds the run already."""
+    from fedkd.apps import run_server
+    from fedkd.checkpoint import load_checkpoint, roll_back
+    from fedkd.recorder import Recorder
+    from fedkd.simulation import finish_run, prepare_run_dir
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists():
+        prepare_run_dir(cfg, run_dir)
+    checkpoint = load_checkpoint(run_dir) if resume else None
+    if resume:
+        roll_back(run_dir, checkpoint)
+    recorder, status = Recorder(run_dir), "failed"
+    try:
+        run_server(grid, cfg, run_dir, recorder, checkpoint)
+        status = "complete"
+    finally:
+        finish_run(run_dir, cfg, recorder, status, 0.0)
+    return run_dir

@@ -10,19 +10,16 @@ from pathlib import Path
 import pytest
 
 from fedkd import checkpoint as ckpt
-from fedkd.apps import run_server
 from fedkd.config import ConfigError, load_config
 from fedkd.recorder import Recorder
 from fedkd.report import write_outputs
 from fedkd.rundir import RunDirError, check_unused, resume_config, run_status
-from fedkd.simulation import finish_run, prepare_run_dir
-from fedkd.testing import InProcessGrid
+from fedkd.simulation import prepare_run_dir
+from fedkd.testing import TIMING_FIELDS, InProcessGrid, comparable_records, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.num_clients=4", "model.name=mlp", "train.rounds=3", "train.lr=0.05",
          "train.batch_size=50"]
-#: what may differ between an interrupted-and-resumed run and an uninterrupted one
-TIMING = {"seconds", "worker_pid", "wall_seconds", "seconds_per_round", "train_seconds"}
 
 
 class Cut(Exception):
@@ -50,38 +47,17 @@ def _cfg(*overrides: str, config: str = "quickstart.yaml"):  # type: ignore[no-u
 
 
 def _run(cfg, run_dir: Path, grid: InProcessGrid, resume: bool = False) -> None:  # type: ignore[no-untyped-def]
-    checkpoint = ckpt.load_checkpoint(run_dir) if resume else None
-    ckpt.roll_back(run_dir, checkpoint) if resume else None
-    recorder = Recorder(run_dir)
-    status = "failed"
-    try:
-        run_server(grid, cfg, run_dir, recorder, checkpoint)
-        status = "complete"
-    finally:
-        finish_run(run_dir, cfg, recorder, status, 0.0)
-
-
-def _records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without timings, in (round, phase, client) order: replies of one phase
-    arrive in any order (Ray), their content may not differ."""
-    phases = {"train": 0, "evaluate": 1, "central": 2}
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["phase"] != "round":
-            out.append({k: v for k, v in rec.items() if k not in TIMING})
-    return sorted(out, key=lambda r: (r["round"], phases.get(r["phase"], 3),
-                                      r.get("partition_id", -1)))
+    run_in_process(cfg, run_dir, grid, resume)
 
 
 def _summary(run_dir: Path) -> dict:
     s = json.loads((run_dir / "summary.json").read_text())
-    return {k: v for k, v in s.items() if k not in TIMING}
+    return {k: v for k, v in s.items() if k not in TIMING_FIELDS}
 
 
 def _clients(run_dir: Path) -> list[dict]:
     with open(run_dir / "clients.csv") as f:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+        return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in csv.DictReader(f)]
 
 
 def _interrupted(cfg, tmp_path: Path, *, after_checkpoint: int = 0,  # type: ignore[no-untyped-def]
@@ -130,7 +106,7 @@ def test_resume_after_a_checkpoint_and_mid_round_is_exact(tmp_path: Path, overri
     # 2 nodes x (train + evaluate) per round: message 10 is round 3's train, second node
     mid_round = _interrupted_then_resumed(cfg, tmp_path / "b", at_message=10)
     for resumed in (after_ckpt, mid_round):
-        assert _records(resumed) == _records(whole)
+        assert comparable_records(resumed) == comparable_records(whole)
         assert _summary(resumed) == _summary(whole)
         assert _clients(resumed) == _clients(whole)
         assert run_status(resumed) == "complete"
@@ -145,7 +121,7 @@ def test_resume_of_a_staged_centralized_method_is_exact(tmp_path: Path) -> None:
     # cut right after the teacher stage's last checkpoint, and inside the student stage
     for resumed in (_interrupted_then_resumed(cfg, tmp_path / "a", after_checkpoint=2),
                     _interrupted_then_resumed(cfg, tmp_path / "b", at_message=6)):
-        assert _records(resumed) == _records(whole)
+        assert comparable_records(resumed) == comparable_records(whole)
         assert _summary(resumed) == _summary(whole)
 
 
@@ -185,7 +161,7 @@ def test_extending_a_finished_run_continues_from_its_last_round(tmp_path: Path) 
     _run(short, run_dir, InProcessGrid(2))
     longer = resume_config(run_dir, ["train.rounds=3"])
     _run(longer, run_dir, InProcessGrid(2), resume=True)
-    rounds = [r["round"] for r in _records(run_dir) if r["phase"] == "train"]
+    rounds = [r["round"] for r in comparable_records(run_dir) if r["phase"] == "train"]
     assert sorted(set(rounds)) == [1, 2, 3] and rounds.count(1) == 4  # round 1 never repeated
 
 
