@@ -169,14 +169,51 @@ def bad_inputs(tmp: Path) -> list[dict]:
     return rows
 
 
+def markdown(results: dict) -> str:
+    """The tables of bench/reliability.md from the results file."""
+    def table(head: list[str], rows: list[list]) -> list[str]:
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+    def acc(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    out: list[str] = []
+    if "faults" in results:
+        out += ["### Faults injected (clients 0 and 1 of 6, every round)", ""]
+        out += table(["strategy", "fault", "status", "rounds skipped", "updates rejected",
+                      "failed calls", "final accuracy", "vs fault-free"],
+                     [[r["strategy"], r["fault"], r["status"], r["skipped_rounds"], r["rejected"],
+                       r["failures"], acc(r["accuracy"]),
+                       "n/a" if r["vs_fault_free"] is None else f"{r['vs_fault_free']:+.4f}"]
+                      for r in results["faults"]]) + [""]
+    if "kills" in results:
+        k = results["kills"]
+        out += [f"### kill -9 at random points, then `--resume` ({k['identical']}/{len(k['trials'])} "
+                f"identical; uninterrupted run {k['uninterrupted_s']} s)", ""]
+        out += table(["trial", "killed at (s)", "last checkpoint", "resumes", "identical"],
+                     [[i, t["kill_at_s"], t["last_checkpoint"], t["resumes"], t["identical"]]
+                      for i, t in enumerate(k["trials"])]) + [""]
+    if "bad_inputs" in results:
+        out += ["### Bad inputs", ""]
+        out += table(["input", "exit", "stderr lines", "run dirs left", "message"],
+                     [[r["input"], r["exit"], r["lines"], r["run_dirs_left"],
+                       "`" + r["message"].replace("|", "\\|") + "`"] for r in results["bad_inputs"]])
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="faults,kills,bad_inputs")
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "bench/results/reliability.json"))
+    parser.add_argument("--markdown", action="store_true", help="print the tables of --out and stop")
     args = parser.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
+    if args.markdown:
+        print(markdown(results), end="")
+        return
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         parts = args.parts.split(",")

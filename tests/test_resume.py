@@ -196,3 +196,19 @@ def test_metrics_stay_strict_json_when_a_value_is_not_finite(tmp_path: Path) -> 
     recorder.close()
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["loss"] is None and record["non_finite"] == ["loss"]
+
+
+def test_a_run_in_which_every_client_failed_ends_failed(tmp_path: Path) -> None:
+    cfg = _cfg("train.rounds=2", "faults.clients=[0,1,2,3]")
+    run_dir = run_in_process(cfg, tmp_path / "run", InProcessGrid(2))
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "failed"
+    assert info["status_reason"] == "no client update was accepted in any round"
+    assert not (run_dir / "model").exists()  # no trained model to keep
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path) -> None:
+    cfg = _cfg(f"experiment.output_dir={tmp_path}")
+    first, second = prepare_run_dir(cfg), prepare_run_dir(cfg)
+    assert first != second and first.parent == second.parent == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name])
