@@ -22,7 +22,11 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: the bundled configs: `fedkd/configs` in an installed wheel (package data), `configs/` at the top
+#: of a checkout (editable installs: setuptools maps `fedkd.configs` to that folder)
+CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs",
+                               Path(__file__).resolve().parent.parent / "configs")
+                   if (d / "defaults.yaml").is_file()), Path(__file__).resolve().parent / "configs")
 DATA_DIR_ENV = "FEDKD_DATA_DIR"
 
 
