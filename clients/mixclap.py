@@ -34,10 +34,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -46,9 +44,15 @@ from torch import Tensor, nn
 
 from fedkd.clients.base import Arrays, ClientData, EvalResult, RoundInfo, train_epochs
 from fedkd.clients.staged import StagedMethod, Stages, stage_of
+# re-exported: the audio side and the fusion functions lived here before the split
+from fedkd.clients.mixclap_audio import (  # noqa: F401
+    _NOISE_DOMAIN, _TEST_NOISE, _TRAIN_NOISE, _VAL_NOISE, _VAL_SPLIT, NOISE_KINDS, Condition,
+    MixAudio, Split, WaveRows, parse_condition, seeded_rng, validation_split)
+from fedkd.clients.mixclap_fusion import (  # noqa: F401
+    TIE_RTOL, FusionResult, argmin_prefer_larger, class_prototypes, entropy_fusion, fuse,
+    fusion_grid, grid_accuracies, grid_entropies, prototype_logits, unit)
 from fedkd.config import ConfigError, FedkdConfig, data_dir, setting
-from fedkd.kd import class_means, embed_cosine_loss
-from fedkd.taskdata import audio
+from fedkd.kd import embed_cosine_loss
 
 DESCRIPTION = ("centralized (1 client): Mix-CLAP, teacher -> clean and noisy distilled students, "
                "entropy-minimizing test-time fusion (FSDD)")
@@ -78,26 +82,6 @@ class MixCLAPSettings:
         "clean", "white:20", "white:10", "white:5", "white:0", "babble:10", "babble:0", "device:10"])
     val_fraction: float = setting(0.1, min=0.0, lt=1.0)  # ASSUMED: carved in the client
     timing_clips: int = setting(64, min=1)  # clips timed for the CPU ms/clip metrics
-
-
-NOISE_KINDS = ("clean", "white", "babble", "device")
-
-
-class Condition(NamedTuple):
-    kind: str
-    snr: float | None
-    label: str  # metric suffix, e.g. "white0"
-
-
-def parse_condition(text: str) -> Condition:
-    """'clean' or '<white|babble|device>:<snr dB>' -> Condition (ValueError otherwise)."""
-    kind, _, snr = text.partition(":")
-    if kind not in NOISE_KINDS or (kind == "clean") != (snr == ""):
-        raise ValueError(f"test condition {text!r}: expected 'clean' or '<white|babble|device>:<snr>'")
-    if kind == "clean":
-        return Condition("clean", None, "clean")
-    value = float(snr)
-    return Condition(kind, value, f"{kind}{value:g}")
 
 
 def check_settings(cfg: FedkdConfig, settings: MixCLAPSettings) -> None:
@@ -200,201 +184,6 @@ class StudentEncoder(nn.Module):
 
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# --- prototypes and fusion (pure functions) ------------------------------------------------------
-
-def unit(x: Tensor) -> Tensor:
-    return F.normalize(x, dim=-1)
-
-
-def class_prototypes(embeddings: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """P_c = normalize(mean of the unit embeddings of class c); a class without clips gets 0."""
-    means, _ = class_means(unit(embeddings), labels, num_classes)
-    return unit(means)
-
-
-def prototype_logits(embeddings: Tensor, prototypes: Tensor, tau: float) -> Tensor:
-    """cos(e, P_c) / tau for every class: (..., D) -> (..., C)."""
-    return unit(embeddings) @ prototypes.T / tau
-
-
-def fusion_grid(steps: int) -> Tensor:
-    """{0, 1/steps, ..., 1} (21 points for steps = 20)."""
-    return torch.arange(steps + 1, dtype=torch.float64).div(steps).float()
-
-
-def fuse(e_clean: Tensor, e_noisy: Tensor, lam: Tensor | float) -> Tensor:
-    """e_lambda = normalize(lambda S_c + (1 - lambda) S_n) over unit-normalized student outputs;
-    `lam` broadcasts (a scalar, (B, 1) per clip, or (G, 1, 1) for a whole grid)."""
-    return unit(lam * unit(e_clean) + (1 - lam) * unit(e_noisy))
-
-
-def grid_entropies(e_clean: Tensor, e_noisy: Tensor, prototypes: Tensor, tau: float,
-                   grid: Tensor) -> Tensor:
-    """(B, G): entropy of p_lambda(.|x) for every clip and every grid lambda."""
-    fused = fuse(e_clean, e_noisy, grid.to(e_clean.dtype).view(-1, 1, 1))  # (G, B, D)
-    logp = F.log_softmax(prototype_logits(fused, prototypes, tau), dim=-1)
-    return -(logp.exp() * logp).sum(-1).T
-
-
-TIE_RTOL = 1e-5  # relative: above float32 rounding of an entropy, far below a grid step's change
-
-
-def argmin_prefer_larger(values: Tensor, rtol: float = TIE_RTOL) -> Tensor:
-    """Index of the minimum over the last axis; values within `rtol` (relative) of it are ties,
-    and ties go to the LARGER index (larger lambda). The tolerance is needed because
-    lambda S + (1 - lambda) S is not bit-identical across lambda: equal students give entropies
-    that differ by rounding, and which is lowest varies by machine (an exact-tie test failed on one).
-    It is relative because confident fusions have entropies near 0 (1e-7) that still differ."""
-    near = torch.isclose(values, values.amin(dim=-1, keepdim=True), rtol=rtol, atol=0.0)
-    return values.shape[-1] - 1 - near.flip(-1).int().argmax(dim=-1)
-
-
-class FusionResult(NamedTuple):
-    weights: Tensor  # (B,) lambda* per clip (all equal in per_condition mode)
-    entropies: Tensor  # (G,) mean entropy over the batch for each grid lambda
-    logits: Tensor  # (B, C) cosine logits / tau of the fused embedding
-
-
-def entropy_fusion(e_clean: Tensor, e_noisy: Tensor, prototypes: Tensor, tau: float, grid: Tensor,
-                   mode: str = "per_condition") -> FusionResult:
-    """lambda* = argmin_lambda mean_B H(p_lambda) (per_condition: one lambda for the batch) or
-    argmin per clip (per_clip); no labels involved."""
-    h = grid_entropies(e_clean, e_noisy, prototypes, tau, grid)
-    mean_h = h.mean(0)
-    if mode == "per_condition":
-        index = argmin_prefer_larger(mean_h).expand(len(e_clean))
-    elif mode == "per_clip":
-        index = argmin_prefer_larger(h)
-    else:
-        raise ValueError(f"unknown fusion mode {mode!r}")
-    lam = grid.to(e_clean.dtype)[index]
-    return FusionResult(lam, mean_h, prototype_logits(fuse(e_clean, e_noisy, lam[:, None]),
-                                                       prototypes, tau))
-
-
-def grid_accuracies(e_clean: Tensor, e_noisy: Tensor, prototypes: Tensor, tau: float, grid: Tensor,
-                    labels: Tensor) -> Tensor:
-    """(G,) accuracy at every grid lambda (the oracle's view; uses labels, reporting only)."""
-    fused = fuse(e_clean, e_noisy, grid.to(e_clean.dtype).view(-1, 1, 1))
-    preds = prototype_logits(fused, prototypes, tau).argmax(-1)  # (G, B)
-    return (preds == labels[None]).float().mean(-1)
-
-
-# --- data: validation split, waveforms and noise ---------------------------------------------------
-
-_NOISE_DOMAIN = 0x6D697863  # "mixc": keeps these streams apart from every other seeded stream
-_TRAIN_NOISE, _VAL_NOISE, _TEST_NOISE, _VAL_SPLIT = 1, 2, 3, 4
-
-
-def seeded_rng(seed: int, *key: int) -> np.random.Generator:
-    """numpy generator from (run seed, purpose, ...): independent of model settings and order."""
-    return np.random.default_rng(np.random.SeedSequence([seed, _NOISE_DOMAIN, *key]))
-
-
-class Split(NamedTuple):
-    train: Tensor  # row indices into ClientData.x_train
-    val: Tensor
-
-
-def validation_split(labels: np.ndarray, fraction: float, seed: int) -> Split:
-    """round(fraction * n_c) clips of every digit c held out, chosen by a seeded generator."""
-    rng = seeded_rng(seed, _VAL_SPLIT)
-    val = []
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        val.extend(rng.permutation(rows)[:int(round(fraction * len(rows)))].tolist())
-    mask = np.zeros(len(labels), bool)
-    mask[val] = True
-    return Split(torch.from_numpy(np.flatnonzero(~mask)), torch.from_numpy(np.flatnonzero(mask)))
-
-
-class WaveRows(NamedTuple):
-    waves: np.ndarray  # (n, L) fitted waveforms
-    spans: np.ndarray  # (n, 2) where the recording lies in the window
-    labels: np.ndarray  # (n,)
-    speakers: np.ndarray  # (n,) str
-    takes: np.ndarray  # (n,)
-
-
-@dataclass
-class MixAudio:
-    """Waveforms of the official train / test rows (same order as the `fsdd` dataset's features)
-    and the noise recipes of centralized.md 4.3. Everything random comes from `seeded_rng`."""
-
-    train: WaveRows
-    test: WaveRows
-    stats: audio.BandStats
-    settings: MixCLAPSettings
-    seed: int
-    params: audio.FeatureParams = field(default_factory=audio.FeatureParams)
-
-    @classmethod
-    def from_data_dir(cls, root: Path | str, settings: MixCLAPSettings, seed: int) -> "MixAudio":
-        w = audio.fsdd_waveforms(str(root))
-
-        def rows(mask: np.ndarray) -> WaveRows:
-            return WaveRows(w.waves[mask], w.spans[mask], w.labels[mask], w.speakers[mask],
-                            w.takes[mask])
-
-        return cls(rows(w.split == "train"), rows(w.split == "test"), audio.fsdd_band_stats(root),
-                   settings, seed)
-
-    def features(self, waves: np.ndarray) -> Tensor:
-        return torch.from_numpy(audio.waveform_features(waves, self.stats, self.params))
-
-    def babble_choices(self, rng: np.random.Generator, speakers: np.ndarray,
-                       for_test: bool) -> np.ndarray:
-        """(n, talkers) train-row indices: other speakers only, from the train or test half of
-        the training takes (disjoint, split at `babble_split_take`)."""
-        s = self.settings
-        late = self.train.takes >= s.babble_split_take
-        half = late if for_test else ~late
-        out = np.zeros((len(speakers), s.babble_talkers), np.int64)
-        for i, speaker in enumerate(speakers):
-            pool = np.flatnonzero(half & (self.train.speakers != speaker))
-            if len(pool) < s.babble_talkers:
-                raise ValueError(f"babble pool for speaker {speaker!r} has {len(pool)} clips "
-                                 f"< {s.babble_talkers} talkers")
-            out[i] = rng.choice(pool, s.babble_talkers, replace=False)
-        return out
-
-    def training_mix(self, rng: np.random.Generator, rows: np.ndarray) -> np.ndarray:
-        """Training recipe: SNR uniform over `train_snrs`, babble with `babble_prob`, else white."""
-        s, tr = self.settings, self.train
-        use_babble = rng.random(len(rows)) < s.babble_prob
-        snr = rng.choice(np.asarray(s.train_snrs, np.float64), len(rows))
-        noise = rng.standard_normal((len(rows), tr.waves.shape[1]), dtype=np.float32)
-        choices = self.babble_choices(rng, tr.speakers[rows], for_test=False)
-        if use_babble.any():
-            noise[use_babble] = audio.babble(tr.waves, choices[use_babble])
-        return audio.mix_at_snr(tr.waves[rows], noise, snr, tr.spans[rows])
-
-    def noisy_train(self, epoch: int, rows: Tensor) -> Tensor:
-        """Features of a fresh noisy draw of training rows `rows` (seeded by the epoch)."""
-        r = rows.numpy()
-        return self.features(self.training_mix(seeded_rng(self.seed, _TRAIN_NOISE, epoch), r))
-
-    def noisy_val(self, rows: Tensor) -> Tensor:
-        """One fixed noisy draw of the validation rows (the noisy student's validation set)."""
-        r = rows.numpy()
-        return self.features(self.training_mix(seeded_rng(self.seed, _VAL_NOISE), r))
-
-    def condition_waves(self, condition: Condition) -> np.ndarray:
-        """Test waveforms under one condition; the generator is keyed by the condition's name."""
-        te, s = self.test, self.settings
-        if condition.kind == "clean":
-            return te.waves.copy()
-        rng = seeded_rng(self.seed, _TEST_NOISE, zlib.crc32(condition.label.encode()))
-        white = rng.standard_normal(te.waves.shape, dtype=np.float32)
-        if condition.kind == "white":
-            return audio.mix_at_snr(te.waves, white, condition.snr, te.spans)
-        if condition.kind == "babble":
-            noise = audio.babble(self.train.waves, self.babble_choices(rng, te.speakers, for_test=True))
-            return audio.mix_at_snr(te.waves, noise, condition.snr, te.spans)
-        filtered = audio.lowpass(te.waves, s.lowpass_hz, s.lowpass_order)
-        return audio.mix_at_snr(filtered, white, condition.snr, te.spans)
 
 
 # --- the client --------------------------------------------------------------------------------
