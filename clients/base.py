@@ -96,6 +96,10 @@ class ClientAlgorithm(ABC):
     #: whether the client's model comes from `model.name` / `model.per_client` (False: the method
     #: builds its own architectures from its settings, e.g. a centralized teacher and student)
     uses_model_config: bool = True
+    #: the method's second model, scored beside the headline in every table (benchmark protocol
+    #: v2): (its name, the evaluate metric that holds its accuracy), e.g. Ditto's
+    #: ("global", "global-accuracy"); None for one-model methods
+    second_model: tuple[str, str] | None = None
 
     def __init__(self, cfg: FedkdConfig, settings: Any, input_shape: tuple[int, ...],
                  num_classes: int, device: torch.device) -> None:

@@ -138,6 +138,8 @@ class FedProtoClient(ClassTableSharing):
     nearest global prototype (squared distance). Before any prototype exists a client
     predicts with its head (PFLlib reports 0 there); the head's accuracy is logged beside."""
 
+    second_model = ("own head", "head-accuracy")
+
     def vector_dim(self, model: FedModel) -> int:
         return model.feature_dim
 

@@ -34,6 +34,7 @@ class DittoClient(PartialSharing):
     """Global model: FedAvg's (everything shared). Personal model: `state["personal-model"]`."""
 
     evaluates = "personalized"
+    second_model = ("global", "global-accuracy")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -216,6 +216,7 @@ class FedKDMentorClient(ClientAlgorithm):
     """Mentor + W_h personal (`state["mentor"]`, `state["w_h"]`); the mentee is what is shared."""
 
     evaluates = "personalized"
+    second_model = ("mentee", "mentee-accuracy")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

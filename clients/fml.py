@@ -41,6 +41,7 @@ class FMLClient(PartialSharing):
     """The shared model is the meme; the local model lives in `state["local-model"]`."""
 
     evaluates = "personalized"
+    second_model = ("meme", "meme-accuracy")
     heterogeneous = True  # the local model's architecture may differ per client; memes are shared
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -192,6 +192,7 @@ class MHPFLIDClient(PartialSharing):
     (`state["local-model"]`, `state["receiver"]`, `state["transmitter"]`)."""
 
     evaluates = "personalized"
+    second_model = ("messenger via T", "messenger-accuracy")
     heterogeneous = True  # local models (and so R/T) may differ per client; the messenger is shared
 
     def __init__(self, cfg: FedkdConfig, settings: MHPFLIDSettings, input_shape: tuple[int, ...],

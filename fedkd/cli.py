@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -71,62 +69,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_grid(items: Sequence[str]) -> list[list[str]]:
-    """`a=1,2 b=x` -> [[a=1, b=x], [a=2, b=x]] (the sweep's grid of overrides)."""
-    axes = []
-    for item in items:
-        key, sep, values = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(item, item, "sweep axes are written key=v1,v2,...")
-        axes.append([f"{key}={v}" for v in values.split(",")])
-    return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedkd.ray_cluster import warm_ray
-    from fedkd.report import sweep_table
-    from fedkd.rundir import FINISHED, RUN_INFO, run_status
-    from fedkd.simulation import resume_experiment, run_experiment
+    from fedkd.sweep import run_sweep
 
-    seeds = [int(s) for s in args.seeds.split(",")]
-    grid = parse_grid(args.grid)
     if args.set and not args.variant:  # else the labels, and so the skip-existing check, collide
         raise UsageError(f"--set {' '.join(args.set)} changes every run of the sweep: name it "
                          f"with --variant, e.g. --variant attention_only")
     out = Path(args.out)
-    plans = []
-    for combo in grid:  # validate everything before the first simulation starts
-        label = "-".join(o.partition("=")[2] for o in combo) or Path(args.config).stem
-        label += f"-{args.variant}" if args.variant else ""
-        for seed in seeds:
-            cfg = load_config(args.config, [*args.set, *combo, f"experiment.seed={seed}"])
-            plans.append((label, seed, cfg))
-    rows = []
-    with warm_ray(enabled=any(not (out / lab / f"seed{s}.json").exists() for lab, s, _ in plans)) as address:
-        for label, seed, cfg in plans:
-            result = out / label / f"seed{seed}.json"
-            if not result.exists():
-                if address:
-                    cfg.simulation.ray_address = address
-                err.print(f"[bold]{label} seed {seed}[/]")
-                run_dir = out / label / f"seed{seed}"
-                if (run_dir / RUN_INFO).exists():  # an earlier sweep's run: continue it
-                    if run_status(run_dir) not in FINISHED:
-                        resume_experiment(run_dir, quiet=args.quiet, ray_address=address or "")
-                else:
-                    if run_dir.exists():
-                        shutil.rmtree(run_dir)  # holds no run (cut before it was created)
-                    run_experiment(cfg, run_dir, quiet=args.quiet)
-                shutil.copyfile(run_dir / "summary.json", result)
-            rows.append({"run": label, "seed": seed, **json.loads(result.read_text())})
-    print(sweep_table(rows))
-    # the setting's table: every result under OUT, so several sweeps (e.g. other models) add up
-    labels = list(dict.fromkeys([lab for lab, _, _ in plans] + sorted(
-        p.parent.name for p in out.glob("*/seed*.json"))))
-    everything = [{"run": lab, **json.loads(p.read_text())} for lab in labels
-                  for p in sorted((out / lab).glob("seed*.json"))]
-    (out / "sweep.md").write_text(sweep_table(everything) + "\n")
-    console.print(f"table of all {len(everything)} results in {out}: {out / 'sweep.md'}")
+    against = [a for a in (args.against or "").split(",") if a]
+    print(run_sweep(args.config, args.grid, [int(s) for s in args.seeds.split(",")], out,
+                    variant=args.variant, fixed=args.set, against=against, quiet=args.quiet))
+    console.print(f"table of all results in {out}: {out / 'sweep.md'}")
     return 0
 
 
@@ -195,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a fixed override, not an axis (so a value may hold commas, e.g. "
                         "method.teachers=[image,audio]); needs --variant; repeatable")
+    p.add_argument("--against", metavar="LABELS",
+                   help="comma-separated reference labels (e.g. local,fedavg): every other label "
+                        "paired by seed against each, with the benchmark protocol's verdict")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("list", help="methods, strategies, models, datasets")

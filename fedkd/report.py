@@ -15,7 +15,7 @@ import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import yaml
@@ -110,6 +110,26 @@ def client_model(run: dict, pid: Any) -> str | None:
     return models[pid] if isinstance(pid, int) and pid < len(models) else None
 
 
+def last_three(per_round: Sequence[dict]) -> float | None:
+    """Headline 2 of the benchmark protocol: the mean of the last three evaluations' accuracy."""
+    return statistics.fmean(p["accuracy"] for p in per_round[-3:]) if per_round else None
+
+
+def second_model(spec: dict | None, evals: dict[int, dict[Any, dict]]) -> dict | None:
+    """The method's second model (Ditto's global, FML's meme, ...), scored like the headline:
+    example-weighted at the last evaluation and as the mean of the last three. `spec` is
+    run.json's {"name", "metric"} (from `ClientAlgorithm.second_model`)."""
+    if not spec:
+        return None
+    spec = {**spec, "metric": spec["metric"].replace("-", "_")}  # as the recorder writes metric names
+    per_round = [{"round": rnd, **round_stats(recs)} for rnd in sorted(evals)
+                 if (recs := [{**r, "accuracy": r[spec["metric"]]} for r in evals[rnd].values()
+                              if r.get(spec["metric"]) is not None])]
+    if not per_round:
+        return None
+    return {**spec, "accuracy": per_round[-1]["accuracy"], "accuracy_last3": last_three(per_round)}
+
+
 def summarize(run_dir: Path) -> dict:
     """The content of summary.json (see module docstring for the headline protocol)."""
     run_dir = Path(run_dir)
@@ -146,6 +166,8 @@ def summarize(run_dir: Path) -> dict:
         "last_round": last.get("round"), "accuracy": last.get("accuracy"),
         "accuracy_unweighted": last.get("accuracy_unweighted"), "accuracy_std": last.get("accuracy_std"),
         "accuracy_worst10": last.get("accuracy_worst10"), "clients_evaluated": last.get("clients"),
+        "accuracy_last3": last_three(per_round), "last3_rounds": [p["round"] for p in per_round[-3:]],
+        "second_model": second_model(run.get("second_model"), evals),
         "best_round": best.get("round"), "best_accuracy": best.get("accuracy"),
         "central_accuracy": central[-1]["accuracy"] if central else None,
         "per_model": ({m: round_stats(rs) for m, rs in sorted(by_model.items())} if len(by_model) > 1 else {}),
@@ -326,48 +348,3 @@ def compare(run_dirs: list[Path], out_dir: Path | None = None) -> str:
     (out_dir / "compare.md").write_text(to_markdown(blocks))
     (out_dir / "compare.html").write_text(to_html(blocks, out_dir, "fedkd run comparison"))
     return to_markdown([table])
-
-
-def sweep_table(rows: list[dict]) -> str:
-    """Markdown mean ± std over seeds, one row per run label (± = sample std, ddof=1).
-
-    n seeds counts the rows of a label (the stats are over those rows), not distinct `seed` values.
-    """
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[r["run"]].append(r)
-    keys = ["accuracy", "accuracy_unweighted", "accuracy_std", "accuracy_worst10", "best_accuracy",
-            "seconds_per_round", "bytes_sent_per_client_round"]
-    digits = {"seconds_per_round": 2, "bytes_sent_per_client_round": 0}
-
-    def stat(vals: list[float], digits: int) -> str:
-        if not vals:
-            return "n/a"
-        mean = statistics.fmean(vals)
-        return f"{mean:.{digits}f} ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else f"{mean:.{digits}f}"
-
-    def keyed_rows(columns: dict[str, list[dict]], keys: list[str], value: Callable[[dict, str], Any]) -> list:
-        """One row per key, one mean ± std cell per column, over the seeds that have the value."""
-        return [[k, *(stat([v for g in grp if (v := value(g, k)) is not None], 4) for grp in columns.values())]
-                for k in keys]
-
-    body = [[label, *(stat([g[k] for g in grp if g.get(k) is not None], digits.get(k, 4))
-                      for k in keys), len(grp)] for label, grp in groups.items()]
-    scores = {r.get("score") or "accuracy" for r in rows}
-    headline = HEADLINE.replace("accuracy", scores.pop()) if len(scores) == 1 else HEADLINE
-    head = ["run", headline, "unweighted mean", "std across clients", "worst-10%",
-            "best of evaluations", "s/round", "bytes sent/client/round", "n seeds"]
-    blocks: list[Block] = [("table", head, body)]
-    # method-reported metrics (a centralized method's own baselines, e.g. student without KD)
-    extra = sorted({k for r in rows for k in r.get("extra_metrics") or {}})
-    if extra:
-        blocks += [("p", "Method-reported metrics of the last evaluated round (mean ± std over seeds):"),
-                   ("table", ["metric", *groups],
-                    keyed_rows(groups, extra, lambda g, k: (g.get("extra_metrics") or {}).get(k)))]
-    hetero = {label: grp for label, grp in groups.items() if any(g.get("per_model") for g in grp)}
-    if hetero:  # heterogeneous runs: the headline per architecture
-        archs = sorted({m for grp in hetero.values() for g in grp for m in g.get("per_model") or {}})
-        blocks += [("p", f"{HEADLINE} per client architecture (mean ± std over seeds):"),
-                   ("table", ["architecture", *hetero],
-                    keyed_rows(hetero, archs, lambda g, m: ((g.get("per_model") or {}).get(m) or {}).get("accuracy")))]
-    return to_markdown([*blocks, ("p", "Values are mean ± sample std (ddof=1) over seeds.")])

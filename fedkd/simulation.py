@@ -100,7 +100,9 @@ def run_info(cfg: FedkdConfig, status: str, wall: float | None, reason: str | No
     models = ([client_model_name(cfg.model.name, cfg.model.per_client, pid) for pid in range(cfg.data.num_clients)]
               if client.uses_model_config else None)
     return {"evaluated_model": evaluates, "evaluated_when": when, "score": client.score,
-            "client_models": models, "wall_seconds": wall, "status": status,
+            "client_models": models, "wall_seconds": wall,
+            "second_model": (dict(zip(("name", "metric"), client.second_model))
+                             if client.second_model else None), "status": status,
             "status_reason": reason}
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fedkd.report import (client_table, compare, read_metrics, summarize, sweep_table, write_outputs)
+from fedkd.report import (client_table, compare, read_metrics, summarize, write_outputs)
+from fedkd.sweep import sweep_table
 
 NUM_EXAMPLES = {0: 10, 1: 30, 2: 60}
 # round -> accuracy per partition. Weighted best is round 2 (0.77) but unweighted best is

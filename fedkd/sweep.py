@@ -1,0 +1,276 @@
+"""Seed sweeps: a grid of overrides × seeds, one result file per run, and the tables over them.
+
+Results go to `OUT/<label>/seed<k>.json` (the benchmark protocol's layout); a result that exists
+is skipped and an unfinished run is resumed, so rerunning a sweep continues it. The tables give
+mean ± sample std over seeds per label and, with `against`, the protocol's paired comparison of
+every label with reference labels (per-seed differences, mean ± std of the differences, the sign on
+each seed and a verdict for both headline numbers).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from rich.console import Console
+
+from fedkd.config import ConfigError, FedkdConfig, load_config, suggest
+from fedkd.report import HEADLINE, to_markdown
+
+err = Console(stderr=True)
+#: the protocol's two headline numbers: summary.json key -> column title
+HEADLINES = {"accuracy": "last round", "accuracy_last3": "mean of last 3 evaluations"}
+
+
+def parse_grid(items: Sequence[str]) -> list[list[str]]:
+    """`a=1,2 b=x` -> [[a=1, b=x], [a=2, b=x]] (the sweep's grid of overrides)."""
+    axes = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, item, "sweep axes are written key=v1,v2,...")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
+
+
+def label_part(override: str) -> str:
+    """One override's part of a run label: the value where it names something (`fedprox`,
+    `cnn_bn`), the key's last part where the value alone would be ambiguous (`true` ->
+    `exclude_self`, `false` -> `no_exclude_self`, `0.9` -> `alpha0.9`)."""
+    key, _, value = override.partition("=")
+    leaf = key.rsplit(".", 1)[-1]
+    if value.lower() == "true":
+        return leaf
+    if value.lower() == "false":
+        return f"no_{leaf}"
+    if re.fullmatch(r"[A-Za-z][\w.]*", value) and value.lower() not in ("null", "none"):
+        return value
+    return leaf + re.sub(r"[^\w.+-]", "", value)
+
+
+def sweep_label(combo: Sequence[str], config: str | Path, variant: str | None, out: Path) -> str:
+    """The label of one grid point. Labels written by earlier versions (values only, e.g.
+    `fedkd_mentor-true`) keep their name where their directory exists, because skipping
+    existing results depends on it."""
+    suffix = f"-{variant}" if variant else ""
+    legacy = ("-".join(o.partition("=")[2] for o in combo) or Path(config).stem) + suffix
+    if (out / legacy).is_dir():
+        return legacy
+    return ("-".join(label_part(o) for o in combo) or Path(config).stem) + suffix
+
+
+@dataclass
+class PlannedRun:
+    label: str
+    seed: int
+    cfg: FedkdConfig
+
+    def result(self, out: Path) -> Path:
+        return out / self.label / f"seed{self.seed}.json"
+
+
+def plan_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out: Path,
+               variant: str | None = None, fixed: Sequence[str] = ()) -> list[PlannedRun]:
+    """Every run's label and validated config, before the first simulation starts."""
+    plans = []
+    for combo in parse_grid(grid):
+        label = sweep_label(combo, config, variant, out)
+        for seed in seeds:
+            cfg = load_config(config, [*fixed, *combo, f"experiment.seed={seed}"])
+            plans.append(PlannedRun(label, seed, cfg))
+    return plans
+
+
+def result_rows(out: Path, first: Sequence[str] = ()) -> list[dict]:
+    """Every result under OUT as table rows (`first` labels first, then the others by name), so
+    several sweeps into one setting directory (other models, variants) add up to one table."""
+    labels = list(dict.fromkeys([*first, *sorted(p.parent.name for p in out.glob("*/seed*.json"))]))
+    return [{"run": lab, **json.loads(p.read_text())} for lab in labels
+            for p in sorted((out / lab).glob("seed*.json"), key=lambda p: _seed_of(p))]
+
+
+def _seed_of(path: Path) -> int:
+    return int(path.stem.removeprefix("seed"))
+
+
+def check_against(against: Sequence[str], labels: Sequence[str]) -> None:
+    """Reference labels must be labels of the table (a typo would silently compare nothing)."""
+    for ref in against:
+        if ref not in labels:
+            raise ConfigError("--against", ref, "a run label of this sweep's table; " + suggest(ref, labels))
+
+
+def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out: Path,
+              variant: str | None = None, fixed: Sequence[str] = (), against: Sequence[str] = (),
+              quiet: bool = False) -> str:
+    """Run (or continue) every missing run of the sweep; write `OUT/sweep.md`; return the
+    Markdown table of this sweep's runs (with the paired comparisons when `against` is given)."""
+    from fedkd import ray_cluster, simulation  # module attributes: tests replace them
+    from fedkd.rundir import FINISHED, RUN_INFO, run_status
+
+    plans = plan_sweep(config, grid, seeds, out, variant, fixed)
+    planned = list(dict.fromkeys(p.label for p in plans))
+    check_against(against, list(dict.fromkeys([*planned, *(r["run"] for r in result_rows(out))])))
+    todo = [p for p in plans if not p.result(out).exists()]
+    with ray_cluster.warm_ray(enabled=bool(todo)) as address:
+        for plan in todo:
+            if address:
+                plan.cfg.simulation.ray_address = address
+            err.print(f"[bold]{plan.label} seed {plan.seed}[/]")
+            run_dir = out / plan.label / f"seed{plan.seed}"
+            if (run_dir / RUN_INFO).exists():  # an earlier sweep's run: continue it
+                if run_status(run_dir) not in FINISHED:
+                    simulation.resume_experiment(run_dir, quiet=quiet, ray_address=address or "")
+            else:
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)  # holds no run (cut before it was created)
+                simulation.run_experiment(plan.cfg, run_dir, quiet=quiet)
+            shutil.copyfile(run_dir / "summary.json", plan.result(out))
+    mine = [{"run": p.label, **json.loads(p.result(out).read_text())} for p in plans]
+    everything = result_rows(out, planned)
+    (out / "sweep.md").write_text(sweep_table(everything, against) + "\n")
+    return sweep_table(mine + [r for r in everything if r["run"] in against and r["run"] not in planned],
+                       against)
+
+
+def _stat(vals: Sequence[float], digits: int) -> str:
+    if not vals:
+        return "n/a"
+    mean = statistics.fmean(vals)
+    return f"{mean:.{digits}f} ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else f"{mean:.{digits}f}"
+
+
+def _second(row: dict, key: str) -> float | None:
+    return (row.get("second_model") or {}).get(key)
+
+
+def sweep_table(rows: list[dict], against: Sequence[str] = ()) -> str:
+    """Markdown mean ± std over seeds, one row per run label (± = sample std, ddof=1), then the
+    method-reported metrics, the per-architecture headline and the paired comparisons.
+
+    n seeds counts the rows of a label (the stats are over those rows), not distinct `seed` values.
+    """
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r["run"]].append(r)
+    keys = ["accuracy", "accuracy_last3", "accuracy_unweighted", "accuracy_std", "accuracy_worst10",
+            "best_accuracy", "seconds_per_round", "bytes_sent_per_client_round"]
+    digits = {"seconds_per_round": 2, "bytes_sent_per_client_round": 0}
+
+    def keyed_rows(columns: dict[str, list[dict]], keys: list[str], value: Callable[[dict, str], Any]) -> list:
+        """One row per key, one mean ± std cell per column, over the seeds that have the value."""
+        return [[k, *(_stat([v for g in grp if (v := value(g, k)) is not None], 4) for grp in columns.values())]
+                for k in keys]
+
+    def second_cell(grp: list[dict]) -> str:
+        names = {(g.get("second_model") or {}).get("name") for g in grp} - {None}
+        if not names:
+            return "—"
+        return f"{'/'.join(sorted(names))}: " + " / ".join(
+            _stat([v for g in grp if (v := _second(g, k)) is not None], 4) for k in HEADLINES)
+
+    body = [[label, *(_stat([g[k] for g in grp if g.get(k) is not None], digits.get(k, 4)) for k in keys),
+             second_cell(grp), len(grp)] for label, grp in groups.items()]
+    scores = {r.get("score") or "accuracy" for r in rows}
+    headline = HEADLINE.replace("accuracy", scores.pop()) if len(scores) == 1 else HEADLINE
+    head = ["run", headline, "mean of last 3 evaluations", "unweighted mean", "std across clients",
+            "worst-10%", "best of evaluations", "s/round", "bytes sent/client/round",
+            "second model (last round / last 3)", "n seeds"]
+    blocks: list[Any] = [("table", head, body)]
+    # method-reported metrics (a centralized method's own baselines, e.g. student without KD)
+    extra = sorted({k for r in rows for k in r.get("extra_metrics") or {}})
+    if extra:
+        blocks += [("p", "Method-reported metrics of the last evaluated round (mean ± std over seeds):"),
+                   ("table", ["metric", *groups],
+                    keyed_rows(groups, extra, lambda g, k: (g.get("extra_metrics") or {}).get(k)))]
+    hetero = {label: grp for label, grp in groups.items() if any(g.get("per_model") for g in grp)}
+    if hetero:  # heterogeneous runs: the headline per architecture
+        archs = sorted({m for grp in hetero.values() for g in grp for m in g.get("per_model") or {}})
+        blocks += [("p", f"{HEADLINE} per client architecture (mean ± std over seeds):"),
+                   ("table", ["architecture", *hetero],
+                    keyed_rows(hetero, archs, lambda g, m: ((g.get("per_model") or {}).get(m) or {}).get("accuracy")))]
+    blocks.append(("p", "Values are mean ± sample std (ddof=1) over seeds."))
+    if against:
+        blocks += paired_blocks(rows, against)
+    return to_markdown(blocks)
+
+
+@dataclass
+class Paired:
+    """A − B per seed for one headline number, and the protocol's verdict on it."""
+    diffs: dict[int, float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.diffs.values())
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.diffs.values()) if len(self.diffs) > 1 else None
+
+    @property
+    def verdict(self) -> str:
+        """'tie' when |mean| < paired std (or no difference at all); else 'beats' / 'loses'.
+        One seed has no std: its sign decides, and the table says which seed."""
+        if self.mean == 0 or (self.std is not None and abs(self.mean) < self.std):
+            return "tie"
+        return "beats" if self.mean > 0 else "loses"
+
+    def cell(self) -> str:
+        """'+0.42 ± 0.31 (+ + −)' in accuracy points (×100)."""
+        signs = " ".join("+" if d > 0 else "−" if d < 0 else "0" for d in self.diffs.values())
+        spread = f" ± {100 * self.std:.2f}" if self.std is not None else ""
+        return f"{100 * self.mean:+.2f}{spread} ({signs})"
+
+
+def paired(a: Sequence[dict], b: Sequence[dict], key: str) -> Paired | None:
+    """Per-seed differences of `key` between two labels' result rows, on the seeds both have."""
+    bs = {r.get("seed"): r.get(key) for r in b}
+    diffs = {s: r[key] - bs[s] for r in a if (s := r.get("seed")) in bs
+             and r.get(key) is not None and bs[s] is not None}
+    return Paired(dict(sorted(diffs.items()))) if diffs else None
+
+
+def overall_verdict(verdicts: Sequence[str]) -> str:
+    """The protocol: A beats B only with a non-tie in the same direction for both headline numbers;
+    both ties is a tie; anything else (one tie, or opposite directions) is 'mixed'."""
+    if len(set(verdicts)) == 1:
+        return verdicts[0]
+    return "mixed"
+
+
+def paired_blocks(rows: Sequence[dict], against: Sequence[str]) -> list[Any]:
+    """One table per reference label: every other label against it, paired by seed."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r["run"]].append(r)
+    blocks: list[Any] = []
+    for ref in against:
+        body = []
+        for label, grp in groups.items():
+            if label == ref:
+                continue
+            pairs = {k: paired(grp, groups[ref], k) for k in HEADLINES}
+            if not all(pairs.values()):
+                continue
+            seeds = sorted(set.intersection(*(set(p.diffs) for p in pairs.values())))
+            verdict = overall_verdict([p.verdict for p in pairs.values()])
+            if len(seeds) == 1:
+                verdict += f" (seed {seeds[0]} only)"
+            body.append([label, *(x for p in pairs.values() for x in (p.cell(), p.verdict)),
+                         verdict, ",".join(map(str, seeds))])
+        if body:
+            blocks += [("p", f"Paired by seed against {ref}: difference in accuracy points "
+                             "(mean ± sample std of the per-seed differences, sign on each seed); "
+                             "a tie when |mean| < std; 'beats' needs a non-tie in the same direction "
+                             "on both headline numbers."),
+                       ("table", ["run", *(x for t in HEADLINES.values() for x in (f"{t}: Δ vs {ref}", "verdict")),
+                                  "both", "seeds"], body)]
+    return blocks

@@ -1,0 +1,127 @@
+"""fedkd.sweep: labels, the protocol's paired comparison by seed, and the v2 headline numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedkd.config import ConfigError
+from fedkd.report import summarize
+from fedkd.sweep import (check_against, label_part, overall_verdict, paired, parse_grid, result_rows,
+                         sweep_label, sweep_table)
+from test_report import make_run
+
+
+@pytest.mark.parametrize("override, part", [
+    ("strategy.name=fedadam", "fedadam"), ("model.name=cnn_bn", "cnn_bn"),
+    ("method.exclude_self=true", "exclude_self"), ("method.exclude_self=False", "no_exclude_self"),
+    ("method.alpha=0.9", "alpha0.9"), ("train.rounds=1", "rounds1"), ("method.lam=1e-3", "lam1e-3"),
+    ("model.per_client=[cnn,mlp]", "per_clientcnnmlp"),
+])
+def test_label_names_the_key_when_the_value_alone_is_ambiguous(override: str, part: str) -> None:
+    assert label_part(override) == part
+
+
+def test_labels_join_the_grid_point_and_the_variant(tmp_path: Path) -> None:
+    combos = parse_grid(["strategy.name=fedavg,fedavgm", "train.rounds=1"])
+    assert [sweep_label(c, "x/quickstart.yaml", "v", tmp_path) for c in combos] == [
+        "fedavg-rounds1-v", "fedavgm-rounds1-v"]
+    assert sweep_label([], "x/quickstart.yaml", None, tmp_path) == "quickstart"
+
+
+def test_an_existing_result_directory_keeps_its_old_label(tmp_path: Path) -> None:
+    """Skipping existing results depends on the label: old value-only labels stay where they exist."""
+    combo = ["method.name=fedkd_mentor", "method.svd=true"]
+    assert sweep_label(combo, "c.yaml", None, tmp_path) == "fedkd_mentor-svd"
+    (tmp_path / "fedkd_mentor-true").mkdir()
+    assert sweep_label(combo, "c.yaml", None, tmp_path) == "fedkd_mentor-true"
+
+
+def rows(label: str, acc: list[float], last3: list[float]) -> list[dict]:
+    return [{"run": label, "seed": s, "accuracy": a, "accuracy_last3": b}
+            for s, (a, b) in enumerate(zip(acc, last3))]
+
+
+def test_paired_difference_by_seed_against_a_hand_computation() -> None:
+    a, b = rows("A", [0.80, 0.82, 0.79], [0.0] * 3), rows("B", [0.78, 0.79, 0.80], [0.0] * 3)
+    p = paired(a, b, "accuracy")
+    assert p.diffs == pytest.approx({0: 0.02, 1: 0.03, 2: -0.01})
+    assert p.mean == pytest.approx(0.04 / 3)
+    # sample std of (2, 3, -1) points: mean 4/3, squared deviations 4/9 + 25/9 + 49/9 = 78/9, /2
+    assert 100 * p.std == pytest.approx((78 / 9 / 2) ** 0.5)
+    assert p.cell() == "+1.33 ± 2.08 (+ + −)"
+
+
+def test_paired_tie_rule() -> None:
+    # |mean| 1.33 points < std 2.08: the previous test's numbers are a tie
+    a, b = rows("A", [0.80, 0.82, 0.79], [0.0] * 3), rows("B", [0.78, 0.79, 0.80], [0.0] * 3)
+    assert paired(a, b, "accuracy").verdict == "tie"
+    steady = paired(rows("A", [0.81, 0.82, 0.83], [0] * 3), rows("B", [0.80, 0.80, 0.80], [0] * 3), "accuracy")
+    assert steady.verdict == "beats" and steady.cell() == "+2.00 ± 1.00 (+ + +)"
+    worse = paired(rows("A", [0.70, 0.71, 0.72], [0] * 3), rows("B", [0.80, 0.80, 0.80], [0] * 3), "accuracy")
+    assert worse.verdict == "loses"
+
+
+def test_only_seeds_both_labels_have_are_paired() -> None:
+    p = paired(rows("A", [0.8, 0.9], [0, 0]), rows("B", [0.7], [0]), "accuracy")
+    assert list(p.diffs) == [0] and p.std is None and p.cell() == "+10.00 (+)"
+
+
+@pytest.mark.parametrize("verdicts, overall", [
+    (["beats", "beats"], "beats"), (["loses", "loses"], "loses"), (["tie", "tie"], "tie"),
+    (["beats", "tie"], "mixed"), (["beats", "loses"], "mixed"),
+])
+def test_beats_needs_both_headline_numbers(verdicts: list[str], overall: str) -> None:
+    assert overall_verdict(verdicts) == overall
+
+
+def test_sweep_table_carries_paired_verdicts_for_both_headlines() -> None:
+    table = (rows("pse", [0.81, 0.82, 0.83], [0.79, 0.81, 0.83]) + rows("local", [0.80] * 3, [0.80] * 3)
+             + rows("fedavg", [0.60, 0.62, 0.58], [0.6, 0.6, 0.6]))
+    md = sweep_table(table, against=["local"])
+    line = next(ln for ln in md.splitlines() if ln.startswith("| pse ") and "beats" in ln)
+    # last round: +2 ± 1 points on every seed (beats); last 3: +1 ± 2 (a tie), so: mixed
+    assert "+2.00 ± 1.00 (+ + +) | beats |" in line and "+1.00 ± 2.00 (− + +) | tie |" in line
+    assert "| mixed | 0,1,2 |" in line
+    fedavg = next(ln for ln in md.splitlines() if ln.startswith("| fedavg ") and "loses" in ln)
+    assert fedavg.rstrip().endswith("| loses | 0,1,2 |")
+    assert "mean of last 3 evaluations" in md
+
+
+def test_one_seed_says_so() -> None:
+    md = sweep_table(rows("a", [0.9], [0.9]) + rows("b", [0.8], [0.8]), against=["b"])
+    assert "beats (seed 0 only)" in md
+
+
+def test_unknown_reference_label_is_refused_with_the_labels() -> None:
+    with pytest.raises(ConfigError, match=r"--against='locl'.*did you mean 'local'"):
+        check_against(["locl"], ["local", "fedavg"])
+
+
+def test_summary_carries_the_mean_of_the_last_three_evaluations_and_the_second_model(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", extra=[
+        {"round": 3, "phase": "evaluate", "partition_id": p, "status": "ok", "num_examples": n,
+         "accuracy": a, "global_accuracy": g}
+        for p, n, a, g in ((0, 10, 0.9, 0.5), (1, 30, 0.5, 0.7), (2, 60, 0.8, 0.9))])
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "second_model": {"name": "global",
+                                                                         "metric": "global-accuracy"}}))
+    s = summarize(run)
+    weighted = [(0.95 * 10 + 0.95 * 30 + 0.5 * 60) / 100, (0.5 * 10 + 0.6 * 30 + 0.9 * 60) / 100,
+                (0.9 * 10 + 0.5 * 30 + 0.8 * 60) / 100]
+    assert s["accuracy_last3"] == pytest.approx(sum(weighted) / 3)
+    assert s["last3_rounds"] == [1, 2, 3]
+    assert s["second_model"]["name"] == "global"
+    assert s["second_model"]["accuracy"] == pytest.approx((0.5 * 10 + 0.7 * 30 + 0.9 * 60) / 100)
+    row = next(ln for ln in sweep_table([{"run": "d", **s}]).splitlines() if ln.startswith("| d "))
+    assert "global: 0.8000" in row
+
+
+def test_result_rows_collect_every_label_under_out(tmp_path: Path) -> None:
+    for label, seed in (("b", 0), ("a", 1), ("a", 0), ("a", 10)):
+        (tmp_path / label).mkdir(exist_ok=True)
+        (tmp_path / label / f"seed{seed}.json").write_text(json.dumps({"seed": seed, "accuracy": 0.5}))
+    assert [(r["run"], r["seed"]) for r in result_rows(tmp_path, ["b"])] == [
+        ("b", 0), ("a", 0), ("a", 1), ("a", 10)]
