@@ -21,6 +21,9 @@ g (spec c.4), which makes the excitation a no-op. Clients evaluate the personali
 `PSEModel` (it needs a global model too); the global model's accuracy is logged beside it
 ("global-accuracy").
 
+The pure excitation pieces live in `fedkd.clients.pse_excitation`, the attention block and the
+fused predictor in `fedkd.clients.pse_attention`; this module holds the settings and the client.
+
 ASSUMED (spec section g; each a setting, the spec's suggested default first):
 - B1 `upload`: "global_copy" (Ditto-like dual training) | "local" (no global-copy pass; the
   trained local model is uploaded instead).
@@ -54,10 +57,9 @@ ASSUMED (spec section g; each a setting, the spec's suggested default first):
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +68,13 @@ from torch import Tensor, nn
 from fedkd.clients.base import (Arrays, ClientData, EvalResult, PartialSharing, PrivateModel,
                                 RoundInfo, TrainResult, batches, copy_state, evaluate_model,
                                 proximal_term, train_epochs)
+from fedkd.clients.pse_attention import CrossModelAttention, PSEModel, PSEPredictor
+from fedkd.clients.pse_excitation import (ConvLayer, channel_gradient_norms, excitation_weights,
+                                          interpolate_channels, low_level_convs,
+                                          normalized_differentiation)
 from fedkd.config import ConfigError, FedkdConfig, setting
 from fedkd.kd import kd_loss
-from fedkd.models import FedModel, build_model, check_prefixes, under
+from fedkd.models import FedModel, build_model, check_prefixes
 
 # state keys (all private to the client)
 LOCAL_MODEL = "local-model"  # f_l + h_l
@@ -110,294 +116,6 @@ class PSESettings:
     upload: str = setting("global_copy", choices=("global_copy", "local"))  # B1 (ASSUMED)
     # evaluation: the global model the fused model reads (c.7 "received" vs c.6 "round_start")
     eval_global: str = setting("received", choices=("received", "round_start"))  # (ASSUMED)
-
-
-# ---- pure pieces ------------------------------------------------------------------------------
-
-
-class ConvLayer(NamedTuple):
-    """A low-level conv layer (module name) and the BatchNorm right after it, if any."""
-
-    conv: str
-    norm: str | None
-
-
-def low_level_convs(model: nn.Module, blocks: Sequence[str]) -> list[ConvLayer]:
-    """The Conv2d modules under the module prefixes `blocks`, in forward-registration order, each
-    paired with the BatchNorm that follows it before the next conv (matching its channel count)."""
-    layers: list[ConvLayer] = []
-    pending: nn.Conv2d | None = None
-    pending_name = ""
-    for name, module in model.named_modules():
-        if not name or not under(name, blocks):
-            continue
-        if isinstance(module, nn.Conv2d):
-            if pending is not None:
-                layers.append(ConvLayer(pending_name, None))
-            pending, pending_name = module, name
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and pending is not None:
-            norm = name if module.num_features == pending.out_channels else None
-            layers.append(ConvLayer(pending_name, norm))
-            pending = None
-    if pending is not None:
-        layers.append(ConvLayer(pending_name, None))
-    return layers
-
-
-def channel_gradient_norms(model: nn.Module, convs: Sequence[str],
-                           data: Iterable[tuple[Tensor, Tensor]], stat: str = "weight",
-                           ) -> dict[str, Tensor]:
-    """G_{l,c}: mean over batches of how strongly CE(model(x), y) pulls on output channel c of
-    each conv `l` (spec c.3.2), one (C_out,) vector per conv.
-
-    "weight": ||dCE/dW_l[c]||_2; "activation": mean_{b,h,w} |mean_hw(dCE/dA_bc) * A_bc| on the
-    conv output A. The model is read, never changed: BN runs in eval mode (no running-stat
-    update), gradients come from `torch.autograd.grad` on detached copies of the conv weights,
-    so no `.grad` is written and a frozen model (requires_grad False) works as well.
-    """
-    if stat not in ("weight", "activation"):
-        raise ValueError(f"unknown gradient statistic {stat!r}; expected weight or activation")
-    params = dict(model.named_parameters())
-    captured: dict[str, Tensor] = {}
-
-    def capture(name: str) -> Callable[[nn.Module, Any, Tensor], Tensor]:
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-            captured[name] = output
-            return output.clone()  # later in-place ops (ReLU) must not touch the captured tensor
-        return hook
-
-    handles = ([model.get_submodule(n).register_forward_hook(capture(n)) for n in convs]
-               if stat == "activation" else [])
-    was_training = model.training
-    model.eval()
-    sums: dict[str, Tensor] = {}
-    count = 0
-    try:
-        for x, y in data:
-            weights = {f"{n}.weight": params[f"{n}.weight"].detach().requires_grad_(True)
-                       for n in convs}
-            loss = F.cross_entropy(torch.func.functional_call(model, weights, (x,)), y)
-            if stat == "weight":
-                grads = torch.autograd.grad(loss, list(weights.values()))
-                per = [g.flatten(1).norm(dim=1) for g in grads]
-            else:
-                outputs = [captured[n] for n in convs]
-                grads = torch.autograd.grad(loss, outputs)
-                per = [(g.mean(dim=(2, 3), keepdim=True) * a.detach()).abs().mean(dim=(0, 2, 3))
-                       for g, a in zip(grads, outputs)]
-            for n, v in zip(convs, per):
-                sums[n] = sums[n] + v if n in sums else v
-            count += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("channel_gradient_norms needs at least one batch")
-    return {n: v / count for n, v in sums.items()}
-
-
-def normalized_differentiation(g_global: Tensor, g_local: Tensor, diff: str = "abs",
-                               eps: float = 1e-8) -> Tensor:
-    """D_{l,c} from one layer's channel statistics (spec c.3.3-c.3.4): each profile normalized to
-    sum 1, then |g - l| ("abs"), relu(l - g) ("global_lower": the global model already fits these
-    channels better) or relu(g - l) ("local_lower")."""
-    gg = g_global / (g_global.sum() + eps)
-    gl = g_local / (g_local.sum() + eps)
-    if diff == "abs":
-        return (gg - gl).abs()
-    if diff == "global_lower":
-        return (gl - gg).clamp(min=0)
-    if diff == "local_lower":
-        return (gg - gl).clamp(min=0)
-    raise ValueError(f"unknown differentiation {diff!r}; expected abs, global_lower or local_lower")
-
-
-def excitation_weights(d: Tensor, *, mode: str = "sigmoid", beta: float = 5.0, rho: float = 0.2,
-                       eps: float = 1e-8) -> Tensor:
-    """alpha_{l,c} in [0, 1] from one layer's differentiation D (spec c.3.5).
-
-    "sigmoid": sigmoid(beta * (D - mean D) / (std D + eps)), std over channels (population; a
-    constant D gives alpha = 0.5 everywhere, never NaN). "topk": 1 on the round(rho * C) channels
-    with the largest D (at least one), 0 elsewhere.
-    """
-    if mode == "sigmoid":
-        z = (d - d.mean()) / (d.std(unbiased=False) + eps)
-        return torch.sigmoid(beta * z)
-    if mode == "topk":
-        k = min(d.numel(), max(1, round(rho * d.numel())))
-        alpha = torch.zeros_like(d)
-        alpha[d.topk(k).indices] = 1.0
-        return alpha
-    raise ValueError(f"unknown excitation mode {mode!r}; expected sigmoid or topk")
-
-
-def excited_keys(layer: ConvLayer) -> list[str]:
-    """The state_dict keys whose channel c the excitation moves: conv weight/bias, BN affine."""
-    keys = [f"{layer.conv}.weight", f"{layer.conv}.bias"]
-    if layer.norm is not None:
-        keys += [f"{layer.norm}.weight", f"{layer.norm}.bias"]
-    return keys
-
-
-def interpolate_channels(local: Mapping[str, Tensor], global_: Mapping[str, Tensor],
-                         alpha: Mapping[str, Tensor], layers: Sequence[ConvLayer]) -> Arrays:
-    """W^l[c] <- (1 - alpha_c) W^l[c] + alpha_c W^g[c] on the `layers`' excited keys (spec c.4);
-    every other entry is passed through untouched. `torch.lerp` is exact at alpha 0 and 1 and
-    when both sides are equal (the round-1 no-op)."""
-    out = dict(local)
-    for layer in layers:
-        a = alpha[layer.conv]
-        for key in excited_keys(layer):
-            if key not in local:
-                continue  # a conv without bias
-            w = local[key]
-            weight = a.to(device=w.device, dtype=w.dtype).view(-1, *([1] * (w.dim() - 1)))
-            out[key] = torch.lerp(w, global_[key].to(w), weight)
-    return out
-
-
-# ---- modules ----------------------------------------------------------------------------------
-
-
-class CrossModelAttention(nn.Module):
-    """The local feature attends to itself and to the frozen global feature (spec c.5.2):
-
-    T = [z_l; z_g], Q = z_l W_q, K = T W_k, V = T W_v, a = softmax(Q K^T / sqrt(d_h)) per head,
-    u = z_l + W_o(a V), z = LN(u + MLP(LN(u))). Width d = the backbone's feature_dim.
-    """
-
-    def __init__(self, dim: int, heads: int = 4, mlp_ratio: float = 2.0,
-                 final_norm: bool = True) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"attention heads ({heads}) must divide the feature width ({dim})")
-        self.dim, self.heads = dim, heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim, bias=False)
-        self.out = nn.Linear(dim, dim)
-        hidden = max(1, round(dim * mlp_ratio))
-        self.norm1 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.norm2: nn.Module = nn.LayerNorm(dim) if final_norm else nn.Identity()
-
-    def attend(self, z_local: Tensor, z_global: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(fused feature (B, d), attention weights (B, heads, tokens)); `z_global` None masks the
-        global token out (the block is then a function of z_l only)."""
-        tokens = z_local.unsqueeze(1) if z_global is None else torch.stack((z_local, z_global), 1)
-        b, t, d = tokens.shape
-        dh = d // self.heads
-        q = self.q(z_local).view(b, self.heads, 1, dh)
-        k = self.k(tokens).view(b, t, self.heads, dh).transpose(1, 2)  # (B, h, T, dh)
-        v = self.v(tokens).view(b, t, self.heads, dh).transpose(1, 2)
-        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(dh), dim=-1)  # (B, h, 1, T)
-        u = z_local + self.out((weights @ v).reshape(b, d))
-        return self.norm2(u + self.mlp(self.norm1(u))), weights.squeeze(2)
-
-    def forward(self, z_local: Tensor, z_global: Tensor | None) -> Tensor:
-        return self.attend(z_local, z_global)[0]
-
-
-def excited_features(local: FedModel, global_model: FedModel, convs: Sequence[str],
-                     alpha: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-    """(z_l, z_g) with feature-level excitation (excite_on: features, spec B4): the local conv
-    output A^l_c becomes A^l_c + alpha_c A^g_c, A^g from the frozen global model (no gradient)."""
-    captured: dict[str, Tensor] = {}
-
-    def keep(name: str) -> Callable[[nn.Module, Any, Tensor], None]:
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            captured[name] = output.detach().clone()  # before the in-place ReLU
-        return hook
-
-    def add(name: str) -> Callable[[nn.Module, Any, Tensor], Tensor]:
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-            return output + alpha[name].to(output).view(1, -1, 1, 1) * captured[name]
-        return hook
-
-    handles = [global_model.get_submodule(n).register_forward_hook(keep(n)) for n in convs]
-    try:
-        with torch.no_grad():
-            z_global = global_model.features(x)
-    finally:
-        for h in handles:
-            h.remove()
-    handles = [local.get_submodule(n).register_forward_hook(add(n)) for n in convs]
-    try:
-        z_local = local.features(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return z_local, z_global
-
-
-class PSEOutputs(NamedTuple):
-    logits: Tensor  # h(A(z_l, z_g)): the personalized prediction
-    local_logits: Tensor  # h_l(z_l): the auxiliary head
-    global_features: Tensor | None  # z_g (no gradient), when anything needed it
-
-
-class PSEModel(nn.Module):
-    """The personalized predictor x -> h(A(f_l(x), f_g(x))) (spec c.7).
-
-    Trainable parts are submodules (`local`, `head`, `attention` when on); the frozen global model
-    is held outside the module tree, so `train()`, `parameters()` and the optimizer never reach it
-    and it always runs in eval mode under no_grad.
-    """
-
-    def __init__(self, local: FedModel, head: nn.Module, global_model: FedModel,
-                 attention: CrossModelAttention | None = None,
-                 feature_alpha: Mapping[str, Tensor] | None = None,
-                 needs_global: bool = False) -> None:
-        super().__init__()
-        self.local, self.head = local, head
-        self.attention: CrossModelAttention | None = attention
-        self._frozen = (global_model,)  # a tuple: not registered as a submodule
-        self.feature_alpha = dict(feature_alpha) if feature_alpha else None
-        self.needs_global = needs_global or attention is not None or self.feature_alpha is not None
-
-    @property
-    def global_model(self) -> FedModel:
-        return self._frozen[0]
-
-    def parts(self, x: Tensor) -> PSEOutputs:
-        z_global: Tensor | None = None
-        if self.feature_alpha is not None:
-            z_local, z_global = excited_features(self.local, self.global_model,
-                                                 list(self.feature_alpha), self.feature_alpha, x)
-        else:
-            if self.needs_global:
-                with torch.no_grad():
-                    z_global = self.global_model.features(x)
-            z_local = self.local.features(x)
-        fused = z_local if self.attention is None else self.attention(z_local, z_global)
-        return PSEOutputs(self.head(fused), self.local.head(z_local), z_global)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.parts(x).logits
-
-
-class PSEPredictor(nn.Module):
-    """A PSEModel with everything it reads in its own state_dict: the frozen global model
-    (registered here, as `global_model`) and, with feature-level excitation (`convs` given), the
-    excitation weights as buffers (zeros, i.e. no excitation, for a client that never trained)."""
-
-    def __init__(self, fused: PSEModel, convs: Sequence[str] | None = None) -> None:
-        super().__init__()
-        self.fused = fused
-        self.global_model = fused.global_model
-        if convs is not None:
-            given = fused.feature_alpha or {}
-            alpha = {}
-            for i, conv in enumerate(convs):
-                channels = fused.local.get_submodule(conv).out_channels
-                a = given[conv].detach().clone() if conv in given else torch.zeros(channels)
-                self.register_buffer(f"excitation_{i}", a)
-                alpha[conv] = getattr(self, f"excitation_{i}")
-            fused.feature_alpha, fused.needs_global = alpha, True
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fused(x)
 
 
 # ---- settings checks ------------------------------------------------------------------------

@@ -21,11 +21,11 @@ from fedkd import registry
 from fedkd.clients.base import Arrays, ClientData, RoundInfo, evaluate_model
 from fedkd.clients.fedavg import FedAvgClient, FedAvgSettings
 from fedkd.clients.pse import (ATTENTION, EXCITATION, LOCAL_MODEL, PERSONAL_HEAD,
-                                ROUND_START_GLOBAL, ConvLayer,
-                               CrossModelAttention, PSEClient, PSEModel, PSESettings,
-                               channel_gradient_norms, check_settings, excitation_weights,
-                               excited_features, excited_keys, interpolate_channels,
-                               low_level_convs, normalized_differentiation)
+                               ROUND_START_GLOBAL, PSEClient, PSESettings, check_settings)
+from fedkd.clients.pse_attention import CrossModelAttention, PSEModel
+from fedkd.clients.pse_excitation import (ConvLayer, channel_gradient_norms, excitation_weights,
+                                          excited_features, excited_keys, interpolate_channels,
+                                          low_level_convs, normalized_differentiation)
 from fedkd.config import CONFIG_DIR, ConfigError, FedkdConfig, load_yaml
 from fedkd.models import FedModel, build_model
 from tests.test_clients import config
