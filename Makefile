@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedkd-installed
 export FEDKD_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install quickstart test test-fast bench-overhead bench-protocol bench-centralized
+.PHONY: install quickstart test test-fast bench-overhead bench-protocol bench-protocol-v2 bench-centralized
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,10 @@ bench-overhead: $(STAMP)
 # Benchmark protocol tables for every method (resumable: existing seed*.json are skipped).
 bench-protocol: $(STAMP)
 	bench/protocol.sh
+
+# Tier 1 of benchmark protocol v2 (seeds 0-2, the four v2 settings; resumable, hours: run it in the background).
+bench-protocol-v2: $(STAMP)
+	bench/protocol-v2.sh
 
 bench-centralized: $(STAMP)
 	bench/centralized.sh

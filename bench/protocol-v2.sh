@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Tier 1 of benchmark protocol v2 (../shared/notes/benchmark-protocol.md), seeds 0-2, in the
+# protocol's order: cifar10-long (PSE, its ablations, resnet8), resolution-shift (MH-pFLID),
+# mnist-scarce and fmnist-mild (the local-KD family), then the std-mnist drop_last record reruns.
+# `fedkd sweep` skips results that exist and resumes unfinished runs, so a cut-off queue continues
+# where it stopped; one sweep failing does not stop the others. Every sweep of a setting rewrites
+# its sweep.md with the paired verdicts against local training and FedAvg.
+# Usage: bench/protocol-v2.sh [SETTING ...]   (default: all; FEDKD_DATA_DIR must point at the
+#        shared data, the Makefile sets it; SEEDS=0 for a tier-2 pass)
+set -u
+FEDKD=${FEDKD:-.venv/bin/fedkd}
+SEEDS=${SEEDS:-0,1,2}
+E=configs/experiment
+R=bench/results
+sweep() { nice -n 19 "$FEDKD" sweep "$@" --seeds "$SEEDS" --quiet || echo "sweep failed: $*" >&2; }
+
+cifar10-long() {  # PSE v2 = alpha_max 0.2 (pse.md k); tier 1: no v1-defaults row, no resnet8 ablations
+  local out=$R/cifar10-long
+  c10 cnn
+  sweep $E/cifar10-long.yaml method.name=pse model.name=cnn --set method.excitation=false \
+      --variant attention_only --out $out --against local-cnn,fedavg-cnn
+  sweep $E/cifar10-long.yaml method.name=pse model.name=cnn --set method.attention=false \
+      --set method.alpha_max=0.2 --variant excitation_only-amax0.2 --out $out --against local-cnn,fedavg-cnn
+  c10 resnet8
+}
+c10() {  # c10 MODEL: the baselines and PSE v2 on one model
+  local out=$R/cifar10-long
+  sweep $E/cifar10-long.yaml method.name=local,fedavg,fedrep,ditto model.name=$1 --out $out \
+      --against local-$1,fedavg-$1
+  sweep $E/cifar10-long.yaml method.name=pse model.name=$1 --set method.alpha_max=0.2 --variant amax0.2 \
+      --out $out --against local-$1,fedavg-$1
+}
+
+resolution-shift() {
+  local out=$R/resolution-shift
+  sweep $E/resolution-shift-mhpflid.yaml method.name=mhpflid,local --variant hetero --out $out \
+      --against local-hetero
+  sweep $E/resolution-shift.yaml method.name=local,fedavg --out $out --against local-hetero,local,fedavg
+  sweep $E/resolution-shift.yaml method.name=fedavg,fedbn model.name=cnn_bn --out $out \
+      --against local-hetero,local,fedavg
+}
+
+kd_family() {  # kd_family SETTING METHODS: the local-KD family and the pFL baselines
+  local out=$R/$1
+  sweep $E/$1.yaml method.name=$2 --out $out --against local,fedavg
+  sweep $E/$1.yaml method.name=feddistill --set method.exclude_self=true --variant exclude_self \
+      --out $out --against local,fedavg
+  sweep $E/$1.yaml method.name=fedkd_mentor --set method.mentee_model=cnn_narrow --variant mentee_cnn_narrow \
+      --out $out --against local,fedavg
+}
+
+mnist-scarce() { kd_family mnist-scarce local,fedavg,fedrep,ditto,fedproto,feddistill,fml,fedkd_mentor; }
+fmnist-mild() { kd_family fmnist-mild local,fedavg,fedrep,ditto,fedntd,feddistill,fedproto,fml,fedkd_mentor; }
+
+std-mnist() {  # v1's setting, the fidelity check: fedavg and local with drop_last, for the record
+  sweep $E/std-mnist.yaml method.name=fedavg,local --set train.drop_last=true --variant droplast \
+      --out $R/std-mnist
+}
+
+for setting in "${@:-cifar10-long resolution-shift mnist-scarce fmnist-mild std-mnist}"; do
+  for s in $setting; do "$s"; done
+done
