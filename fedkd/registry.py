@@ -25,7 +25,9 @@ from fedkd.clients.fedavg import FedAvgClient, FedAvgSettings
 from fedkd.clients.fedkd_mentor import FedKDMentorClient, FedKDMentorSettings, check_settings
 from fedkd.clients.fedntd import FedNTDClient, FedNTDSettings
 from fedkd.clients.fml import FMLClient, FMLSettings
+from fedkd.clients.hinton_kd import DESCRIPTION as KD_DESCRIPTION
 from fedkd.clients.hinton_kd import HintonKDClient, KDSettings
+from fedkd.clients.hinton_kd import check_settings as check_kd
 from fedkd.clients.local import LocalClient, LocalSettings
 from fedkd.clients.mhpflid import MHPFLIDClient, MHPFLIDSettings
 from fedkd.clients.mixclap import DESCRIPTION as MIXCLAP_DESCRIPTION
@@ -98,8 +100,7 @@ register_method(MethodSpec("ditto", DittoClient, DittoSettings,
                            "FedAvg global model + personal model pulled toward it (method.mu)"))
 
 
-register_method(MethodSpec("kd", HintonKDClient, KDSettings,
-                           "centralized (1 client): Hinton KD, teacher then KD + baseline students"))
+register_method(MethodSpec("kd", HintonKDClient, KDSettings, KD_DESCRIPTION, check_kd))
 
 
 register_method(MethodSpec("mhpflid", MHPFLIDClient, MHPFLIDSettings,
