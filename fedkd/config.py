@@ -67,13 +67,37 @@ class ExperimentConfig:
 
 @dataclass
 class PartitionerConfig:
-    """How a pooled dataset is split over clients (flwr-datasets partitioners)."""
+    """How a pooled dataset is split over clients (flwr-datasets partitioners; `scarce` is
+    `fedkd.partitioners.scarce_draw`: classes_per_client classes per client, balanced over the
+    classes, train_per_class training samples of each and test_per_client test samples in all,
+    drawn directly, so data.test_fraction does not apply to it)."""
 
-    name: str = setting("iid", choices=("iid", "dirichlet", "pathological", "shard", "given"))
+    name: str = setting("iid", choices=("iid", "dirichlet", "pathological", "shard", "given", "scarce"))
     alpha: float = setting(0.5, gt=0.0)
-    classes_per_client: int = setting(2, min=1)
+    classes_per_client: int = setting(2, min=1)  # pathological, scarce
     shards_per_client: int = setting(2, min=1)
     min_partition_size: int = setting(10, min=0)
+    train_per_class: int = setting(100, min=1)  # scarce
+    test_per_client: int = setting(100, min=1)  # scarce
+
+
+@dataclass
+class TransformConfig:
+    """Per-client transforms, applied once when the data is loaded (train and test alike).
+
+    resolution_factors: client k's images are down-sampled by F_k (area interpolation, to
+    floor(size / F_k)) and up-sampled back (bilinear); [] = off. resolution_assign picks F_k:
+    diagonal = factors[(k + k // n) % n] (the benchmark protocol's, so that resolution does not
+    follow a model.per_client list of the same length), cyclic = factors[k % n]."""
+
+    resolution_factors: list[int] = field(default_factory=list)
+    resolution_assign: str = setting("diagonal", choices=("diagonal", "cyclic"))
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.resolution_factors if f < 1]
+        if bad:
+            raise ConfigError("data.transform.resolution_factors", list(self.resolution_factors),
+                              f"integers >= 1 (found {bad[0]}); 1 keeps a client's images as they are")
 
 
 @dataclass
@@ -85,6 +109,7 @@ class DataConfig:
     test_fraction: float = setting(0.25, gt=0.0, lt=1.0)
     hf_image_key: str = "image"  # for `hf:<name>` datasets
     hf_label_key: str = "label"
+    transform: TransformConfig = field(default_factory=TransformConfig)
 
 
 @dataclass

@@ -18,8 +18,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fedkd.config import ConfigError, DataConfig, PartitionerConfig, check_choice, data_dir
+from fedkd.config import ConfigError, DataConfig, PartitionerConfig, TransformConfig, check_choice, data_dir
+from fedkd.partitioners import check_balance, scarce_draw
 from fedkd.safe_npz import load_npz
+from fedkd.transforms import check_resolution, degrade_resolution, resolution_factor
 
 
 class DataError(Exception):
@@ -160,9 +162,9 @@ def check_available(cfg: DataConfig) -> None:
     if name.startswith("hf:"):
         if len(name) <= 3:
             raise ConfigError("data.dataset", name, "write hf:<huggingface dataset name>, e.g. hf:ylecun/mnist")
-        if part == "given":
+        if part in ("given", "scarce"):
             raise ConfigError("data.partitioner.name", part,
-                              "hf datasets have no given partition; use iid, dirichlet, pathological or shard")
+                              "not available for hf datasets; use iid, dirichlet, pathological or shard")
         return
     if name.startswith("medmnist:"):
         _medmnist_info(name)
@@ -178,6 +180,8 @@ def check_available(cfg: DataConfig) -> None:
             _need(data_dir(cfg) / rel)
         return
     check_choice("data.dataset", name, _NAMES + list(TASK_DATASETS) + ["hf:<name>"])
+    if part == "scarce":  # all offline image sets have 10 classes: fail before reading any file
+        check_balance(cfg.num_clients, cfg.partitioner.classes_per_client, _PFLLIB_CLASSES)
     if part == "given":
         if name not in _PFLLIB or not _PFLLIB[name][2]:
             ok = ", ".join(n for n, v in _PFLLIB.items() if v[2])
@@ -224,19 +228,42 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     The result is shared between callers: treat its arrays as read-only.
     """
     check_available(cfg)
-    p = cfg.partitioner
+    p, t = cfg.partitioner, cfg.transform
     key = (cfg.dataset, str(data_dir(cfg).resolve()), cfg.num_clients, p.name, float(p.alpha),
-           p.classes_per_client, p.shards_per_client, p.min_partition_size, float(cfg.test_fraction),
-           cfg.hf_image_key, cfg.hf_label_key, int(seed))
+           p.classes_per_client, p.shards_per_client, p.min_partition_size, p.train_per_class,
+           p.test_per_client, float(cfg.test_fraction), cfg.hf_image_key, cfg.hf_label_key,
+           tuple(int(f) for f in t.resolution_factors), t.resolution_assign, int(seed))
     return _load_cached(key)
 
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(key: tuple[Any, ...]) -> FederatedData:
-    name, root_s, n, pname, alpha, cpc, spc, mps, tf, img_key, lbl_key, seed = key
+    name, root_s, n, pname, alpha, cpc, spc, mps, tpc, tpcl, tf, img_key, lbl_key, factors, assign, seed = key
     cfg = DataConfig(dataset=name, data_dir=root_s, num_clients=n, test_fraction=tf,
-                     partitioner=PartitionerConfig(pname, alpha, cpc, spc, mps),
-                     hf_image_key=img_key, hf_label_key=lbl_key)
+                     partitioner=PartitionerConfig(name=pname, alpha=alpha, classes_per_client=cpc,
+                                                   shards_per_client=spc, min_partition_size=mps,
+                                                   train_per_class=tpc, test_per_client=tpcl),
+                     hf_image_key=img_key, hf_label_key=lbl_key,
+                     transform=TransformConfig(resolution_factors=list(factors), resolution_assign=assign))
+    data = _load(cfg, seed)
+    return _transformed(data, cfg.transform) if factors else data
+
+
+def _transformed(data: FederatedData, t: TransformConfig) -> FederatedData:
+    """`data` with each client's transform applied to its train and test images (once, at load;
+    the global test set, where there is one, stays as loaded)."""
+    check_resolution(t.resolution_factors, data.input_shape)
+    clients = []
+    for k, c in enumerate(data.clients):
+        f = resolution_factor(k, t.resolution_factors, t.resolution_assign)
+        clients.append(ClientSplit(degrade_resolution(c.x_train, f), c.y_train,
+                                   degrade_resolution(c.x_test, f), c.y_test))
+    return FederatedData(data.dataset, data.num_classes, data.input_shape, clients, data.global_test)
+
+
+def _load(cfg: DataConfig, seed: int) -> FederatedData:
+    """The dataset, partitioned, before any transform."""
+    name, root_s, n, pname = cfg.dataset, cfg.data_dir, cfg.num_clients, cfg.partitioner.name
     if name.startswith("hf:"):
         return _load_hf(cfg, seed)
     if name.startswith("medmnist:"):
@@ -265,7 +292,12 @@ def _load_cached(key: tuple[Any, ...]) -> FederatedData:
 
 
 def _partitioned(cfg: DataConfig, x: np.ndarray, y: np.ndarray, seed: int, global_test: Any) -> FederatedData:
-    """Pooled samples -> the configured partitioner's clients, each split into train and test."""
+    """Pooled samples -> the configured partitioner's clients, each split into train and test
+    (`scarce` draws both parts itself)."""
+    p = cfg.partitioner
+    if p.name == "scarce":
+        draws = scarce_draw(y, cfg.num_clients, p.classes_per_client, p.train_per_class, p.test_per_client, seed)
+        return _federated(cfg.dataset, [ClientSplit(x[tr], y[tr], x[te], y[te]) for tr, te in draws], global_test)
     try:
         if cfg.num_clients > len(y):  # fail fast: IidPartitioner would build thousands of partitions first
             raise ValueError(f"{cfg.num_clients} clients > {len(y)} samples")
