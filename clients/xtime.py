@@ -12,6 +12,18 @@ setting:
 - Rarity (`rarity_on: vol_change`, ASSUMED): r = |OT_{t+1} - OT_t| / (s_t + 1e-6), s_t = std of
   the 168 one-step OT changes ending at t; tau_k = training quantiles `rarity_quantiles`
   (0.90, 0.95, 0.99); level(x) = max{k : r >= tau_k}, else 0.
+- (v2, the default) `rarity_on: detrended_value`: r = |z|, z = (OT_{t+1} - m_t) / (sd_t + 1e-6),
+  m_t / sd_t the mean and population std of the 168 hourly OT values ending at t (past only;
+  `fedkd.taskdata.ett` carries them as columns roll_mean / roll_std); thresholds from the
+  training targets; predicted event = |yhat - m_t| / (sd_t + 1e-6) >= tau_k. ASSUMED: extremes
+  read as deviations from the recent level, the 168-h window, the two-sided |z|.
+  `vol_change` reproduces v1.
+- (v2) Specialisation check: when the last expert stage ends (before the first router round)
+  each E_k (k >= 1) is compared with E_0 on validation windows of level >= k
+  (`specialist-check-<k>`, `specialist-gain-<k>`, logged with prefix `val-`; the same on test,
+  prefix `test-`, at evaluation). It reads the frozen experts and changes none.
+- (v2) Oracle routing (`oracle-*` metrics, reference only): every test window goes to the expert
+  of its true level.
 - Experts E_0..E_K (K = len(rarity_quantiles)): MLP 672-64-64-1 each, h = last hidden layer.
   E_k specializes in level >= k through the rare penalty (ASSUMED form of the paper's
   "hierarchical rare penalty"): w_k(x) = 1 + (pi_k - 1) 1[level(x) >= k],
@@ -61,12 +73,13 @@ from fedkd.clients.base import Arrays, ClientData, EvalResult, RoundInfo, copy_s
 from fedkd.clients.staged import StagedMethod, Stages, stage_of
 # re-exported: the forecasting pieces lived here before the split
 from fedkd.clients.xtime_forecast import (  # noqa: F401
-    Forecaster, _Targets, forecast, forecast_metrics, fuse, haar1, rare_weights, router_inputs,
-    run_expert, weighted_mse)
+    Forecaster, _Targets, forecast, forecast_metrics, fuse, haar1, oracle_routing, rare_weights,
+    router_inputs, run_expert, specialisation, weighted_mse)
 from fedkd.config import ConfigError, FedkdConfig, setting
 from fedkd.kd import feature_distance
 from fedkd.models import FedModel, mlp
-from fedkd.taskdata.ett import DATASET_NAMES, RARITY_KINDS, SPLIT, SPLIT_TEST, SPLIT_VAL
+from fedkd.taskdata.ett import (DATASET_NAMES, RARITY_KINDS, SPLIT, SPLIT_TEST, SPLIT_VAL, TARGET,
+                                TARGET_RAW, rarity_from_table, rarity_levels)
 
 #: for `register_method(MethodSpec("xtime", XTimeClient, XTimeSettings, DESCRIPTION, check_settings))`
 DESCRIPTION = ("centralized (1 client): xTime extreme-event forecasting (ETT), experts per rarity "
@@ -78,7 +91,8 @@ FROZEN = "frozen"  # state key: names of the models whose stage has ended (never
 class XTimeSettings:
     name: str = "xtime"
     hidden: list[int] = field(default_factory=lambda: [64, 64])  # expert MLP widths
-    rarity_on: str = setting("vol_change", choices=RARITY_KINDS)  # ASSUMED rarity definition
+    #: ASSUMED rarity definition; v2 default detrended_value, v1 vol_change (spec 2.3)
+    rarity_on: str = setting("detrended_value", choices=RARITY_KINDS)
     rarity_quantiles: list[float] = field(default_factory=lambda: [0.90, 0.95, 0.99])  # tau_1..K
     max_penalty: float = setting(20.0, min=1.0)  # cap of pi_k (ASSUMED)
     lambda_kd: float = setting(0.5, min=0.0)  # output KD E_{k-1} -> E_k (ASSUMED)
@@ -197,7 +211,30 @@ class XTimeClient(StagedMethod):
         if info.server_round >= self._stage_end[stage]:  # last epoch of the stage: freeze
             state[FROZEN] = [*state.get(FROZEN, []), *trained]
             state.pop(f"optimizer-{stage}", None)
+            if stage == f"expert_{self.num_levels - 1}":  # before the first router round
+                state["specialist"] = self.specialist_check(state, data, SPLIT_VAL, t.tau)
+        if "specialist" in state:
+            metrics.update({f"val-{k}": v for k, v in state["specialist"].items()})
         return metrics, arrays
+
+    @torch.no_grad()
+    def specialist_check(self, state: dict[str, Any], data: ClientData, split: int,
+                         tau: np.ndarray) -> dict[str, float]:
+        """(v2, spec 2.2) For each k >= 1: `specialist-check-<k>` (1 when E_k's MSE is below E_0's
+        on the windows of `split` with level >= k) and `specialist-gain-<k>` (1 - MSE(E_k) /
+        MSE(E_0)); `specialists-passed` counts the passing k. Reads the frozen experts only."""
+        y = data.y_test.detach().cpu().numpy().astype(np.float64)
+        rows = y[:, SPLIT] == split
+        preds = self.predictions(state, data.x_test[torch.as_tensor(rows, device=data.x_test.device)])
+        y = y[rows]
+        levels = rarity_levels(rarity_from_table(y[:, TARGET_RAW], y, self.settings.rarity_on), tau)
+        out: dict[str, float] = {}
+        for k in range(1, self.num_levels):
+            check, gain = specialisation(preds[f"e{k}"], preds["e0"], y[:, TARGET], levels, k)
+            out[f"specialist-check-{k}"], out[f"specialist-gain-{k}"] = check, gain
+        out["specialists-passed"] = float(np.nansum([out[f"specialist-check-{k}"]
+                                                     for k in range(1, self.num_levels)]))
+        return out
 
     def _train_expert(self, k: int, state: dict[str, Any], view: ClientData, t: _Targets,
                       info: RoundInfo) -> tuple[dict[str, float], list[str]]:
@@ -349,6 +386,11 @@ class XTimeClient(StagedMethod):
         split = y[:, SPLIT]
         preds = self.predictions(state, data.x_test)
         test, val = split == SPLIT_TEST, split == SPLIT_VAL
+        if all(f"e{k}" in preds for k in range(self.num_levels)):  # (v2) oracle routing, reference
+            levels = rarity_levels(rarity_from_table(y[:, TARGET_RAW].astype(np.float64), y,
+                                                     s.rarity_on), tau)
+            stacked = np.stack([preds[f"e{k}"] for k in range(self.num_levels)], axis=1)
+            preds["oracle"] = oracle_routing(stacked, levels)
         metrics: dict[str, float] = {}
         for name, pred in preds.items():
             for key, value in forecast_metrics(pred[test], y[test], tau, s.rarity_on,
@@ -362,6 +404,10 @@ class XTimeClient(StagedMethod):
         for key, value in forecast_metrics(main[val], y[val], tau, s.rarity_on,
                                            s.min_level_samples).items():
             metrics[f"val-{key}"] = value
+        if "specialist" in state:  # (v2) the check on validation (as the router saw it) and on test
+            metrics.update({f"val-{k}": v for k, v in state["specialist"].items()})
+            test_check = self.specialist_check(state, data, SPLIT_TEST, tau)
+            metrics.update({f"test-{k}": v for k, v in test_check.items()})
         return EvalResult(metrics["mse-level0"], -metrics["mse-level2"], int(test.sum()), metrics)
 
 

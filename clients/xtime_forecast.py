@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from fedkd.models import FedModel
-from fedkd.taskdata.ett import (LAST_RAW, OT_MEAN, OT_STD, TARGET, TARGET_RAW, VOL, rarity_levels,
-                                rarity_scores, rarity_thresholds)
+from fedkd.taskdata.ett import (OT_MEAN, OT_STD, TARGET, TARGET_RAW, rarity_from_table,
+                                rarity_levels, rarity_thresholds)
 
 if TYPE_CHECKING:
     from fedkd.clients.xtime import XTimeSettings
@@ -67,9 +67,9 @@ def forecast_metrics(pred: np.ndarray, y: np.ndarray, tau: np.ndarray, kind: str
     y64 = y.astype(np.float64)
     pred = np.asarray(pred, np.float64).reshape(-1)
     err = pred - y64[:, TARGET]
-    level = rarity_levels(rarity_scores(y64[:, TARGET_RAW], y64[:, LAST_RAW], y64[:, VOL], kind), tau)
+    level = rarity_levels(rarity_from_table(y64[:, TARGET_RAW], y64, kind), tau)
     pred_raw = pred * y64[:, OT_STD] + y64[:, OT_MEAN]
-    r_pred = rarity_scores(pred_raw, y64[:, LAST_RAW], y64[:, VOL], kind)
+    r_pred = rarity_from_table(pred_raw, y64, kind)
     out: dict[str, float] = {}
     for k in range(len(tau) + 1):
         at = level >= k
@@ -95,7 +95,7 @@ class _Targets:
 
     def __init__(self, y: Tensor, settings: XTimeSettings, num_levels: int) -> None:
         aux = y.detach().cpu().numpy().astype(np.float64)
-        r = rarity_scores(aux[:, TARGET_RAW], aux[:, LAST_RAW], aux[:, VOL], settings.rarity_on)
+        r = rarity_from_table(aux[:, TARGET_RAW], aux, settings.rarity_on)
         self.tau = rarity_thresholds(r, settings.rarity_quantiles)
         levels = rarity_levels(r, self.tau)
         dev = y.device
@@ -145,3 +145,25 @@ def forecast(model: nn.Module, x: Tensor, batch_size: int = 2048) -> np.ndarray:
     model.eval()
     return np.concatenate([model(x[i:i + batch_size]).reshape(-1).cpu().numpy()
                            for i in range(0, len(x), batch_size)])
+
+
+def oracle_routing(predictions: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """(v2, reference only) yhat_oracle(x) = yhat_{level(x)}(x): every window goes to the expert
+    of its TRUE level. It reads the target's level, so it is an upper bound, never a result.
+    `predictions` (n, K+1) per expert, `levels` (n,) in 0..K."""
+    predictions = np.asarray(predictions)
+    return predictions[np.arange(len(predictions)), np.asarray(levels, np.int64)]
+
+
+def specialisation(pred_k: np.ndarray, pred_0: np.ndarray, target: np.ndarray, levels: np.ndarray,
+                   k: int) -> tuple[float, float]:
+    """(v2) (check, gain) of expert E_k against E_0 on the windows with level >= k: check = 1 when
+    E_k's MSE is below E_0's, gain = 1 - MSE(E_k) / MSE(E_0); NaN for both without such windows.
+    When no E_k passes, the router has no specialist to route to and can only follow E_0."""
+    at = np.asarray(levels) >= k
+    if not at.any():
+        return math.nan, math.nan
+    mse_k = float(np.mean((np.asarray(pred_k)[at] - np.asarray(target)[at]) ** 2))
+    mse_0 = float(np.mean((np.asarray(pred_0)[at] - np.asarray(target)[at]) ** 2))
+    gain = 1.0 - mse_k / mse_0 if mse_0 > 0 else math.nan
+    return float(mse_k < mse_0), gain

@@ -43,10 +43,12 @@ OT = FEATURES.index("OT")
 EPS = 1e-6
 
 #: columns of `y` (float32); the split codes are SPLIT_TRAIN / SPLIT_VAL / SPLIT_TEST
-COLUMNS = ("target", "target_raw", "last_raw", "vol", "split", "target_index", "ot_mean", "ot_std")
-TARGET, TARGET_RAW, LAST_RAW, VOL, SPLIT, TARGET_INDEX, OT_MEAN, OT_STD = range(len(COLUMNS))
+COLUMNS = ("target", "target_raw", "last_raw", "vol", "split", "target_index", "ot_mean", "ot_std",
+           "roll_mean", "roll_std")
+(TARGET, TARGET_RAW, LAST_RAW, VOL, SPLIT, TARGET_INDEX, OT_MEAN, OT_STD, ROLL_MEAN,
+ ROLL_STD) = range(len(COLUMNS))
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST = 0, 1, 2
-RARITY_KINDS = ("vol_change", "abs_change", "value")
+RARITY_KINDS = ("detrended_value", "vol_change", "abs_change", "value")
 
 
 @functools.lru_cache(maxsize=2)
@@ -83,6 +85,34 @@ def change_volatility(ot: np.ndarray, window: int = VOL_WINDOW) -> np.ndarray:
     return s
 
 
+def rolling_level(ot: np.ndarray, window: int = VOL_WINDOW) -> tuple[np.ndarray, np.ndarray]:
+    """(m_t, sd_t): mean and population std of the `window` values OT_{t-window+1..t}.
+
+    Rows <= t only (no look-ahead); NaN for t < window - 1. The (v2) `detrended_value` rarity
+    (spec 2.3) measures a target's distance from this recent level.
+    """
+    ot = np.asarray(ot, np.float64)
+    m, sd = np.full(len(ot), np.nan), np.full(len(ot), np.nan)
+    if len(ot) >= window:
+        view = np.lib.stride_tricks.sliding_window_view(ot, window)  # view[i] = OT_i..OT_{i+w-1}
+        m[window - 1:], sd[window - 1:] = view.mean(axis=-1), view.std(axis=-1)
+    return m, sd
+
+
+def rarity_from_table(target: np.ndarray, table: np.ndarray, kind: str) -> np.ndarray:
+    """r of `target` (raw units: the true OT_{t+H} or a forecast of it) for the windows of a
+    `y` table (its auxiliary columns), under rarity definition `kind`."""
+    table = np.asarray(table, np.float64)
+    if kind == "detrended_value":
+        return detrended_scores(target, table[:, ROLL_MEAN], table[:, ROLL_STD])
+    return rarity_scores(target, table[:, LAST_RAW], table[:, VOL], kind)
+
+
+def detrended_scores(target: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """(v2) r = |z|, z = (OT_{t+H} - m_t) / (sd_t + 1e-6) (ASSUMED two-sided, 168-h window)."""
+    return np.abs(np.asarray(target, np.float64) - mean) / (sd + EPS)
+
+
 def rarity_scores(target: np.ndarray, last: np.ndarray, vol: np.ndarray,
                   kind: str = "vol_change") -> np.ndarray:
     """r(x) in raw units: |OT_{t+H} - OT_t| / (s_t + 1e-6) (`vol_change`, default), the plain
@@ -97,6 +127,8 @@ def rarity_scores(target: np.ndarray, last: np.ndarray, vol: np.ndarray,
         return np.abs(target - last)
     if kind == "value":
         return np.asarray(target, np.float64).copy()
+    if kind == "detrended_value":
+        raise ValueError("detrended_value needs the rolling level: use rarity_from_table")
     raise ValueError(f"unknown rarity kind {kind!r}; expected one of {RARITY_KINDS}")
 
 
@@ -140,6 +172,7 @@ def make_windows(values: np.ndarray, lookback: int = LOOKBACK, horizon: int = HO
     scaled = ((values - mean) / std).astype(np.float32)
     ot = values[:, target_col]
     vol = change_volatility(ot, vol_window)
+    roll_mean, roll_std = rolling_level(ot, vol_window)
     first_t = max(vol_window, lookback - 1)
     t = np.arange(first_t, test_end - horizon)
     j = t + horizon
@@ -154,6 +187,8 @@ def make_windows(values: np.ndarray, lookback: int = LOOKBACK, horizon: int = HO
     y[:, TARGET_INDEX] = j
     y[:, OT_MEAN] = mean[target_col]
     y[:, OT_STD] = std[target_col]
+    y[:, ROLL_MEAN] = roll_mean[t]
+    y[:, ROLL_STD] = roll_std[t]
     return Windows(x, y)
 
 
