@@ -12,8 +12,14 @@ Why each part:
   everything). Exclusion is recomputed from scratch each time (samples may come back).
 - KD regularizer: anomalies that survive purification are countered by pulling the code
   toward a teacher never trained on the noisy data: `teacher: init` (default) = the frozen
-  encoder at initialization; `teacher: warmup` = the frozen encoder of a copy trained for one
-  epoch on the 50% of samples with the lowest robust z-score distance (median/MAD).
+  encoder at initialization, i.e. of the random encoder every variant starts from, so its KD
+  term is a regulariser (a function-space anchor at the init), not a transfer of knowledge
+  learned from data (spec 3.2 v2); `teacher: warmup` = the frozen encoder of a copy trained for
+  `warmup_epochs` (v1: 1; v2 runs: 10, ASSUMED) on the 50% of samples with the lowest robust
+  z-score distance (median/MAD), the closest offline reading of "a teacher that has not been
+  trained on the noisy data"; `teacher: random` (tier-2 control, ASSUMED) = an independently
+  seeded random encoder, which tells "stay near your own init" from "match any fixed random
+  projection".
   L = mean_{x in S} [ s(x) + lambda_kd * ||f(x) - sg(f_T(x))||^2 ].
 - Variants `ae` (no exclusion, no KD), `st` (exclusion), `kd` (KD), `stkd` (both) train side
   by side in one `train_epochs` call over an nn.ModuleDict: same init, same batches, disjoint
@@ -65,8 +71,13 @@ class STKDSettings:
     hidden: int = setting(64, min=1)  # ASSUMED: d-64-16-64-d
     code_dim: int = setting(16, min=1)
     lambda_kd: float = setting(0.1, min=0.0)  # ASSUMED (spec 3.2)
-    teacher: str = setting("init", choices=("init", "warmup"))  # ASSUMED: init = frozen initial encoder
+    #: ASSUMED: init = the frozen initial encoder (a regulariser toward the init, spec 3.2 v2);
+    #: warmup = frozen encoder of a copy trained on the cleanest share; random = an independently
+    #: seeded random encoder (the spec's tier-2 control)
+    teacher: str = setting("init", choices=("init", "warmup", "random"))
     warmup_fraction: float = setting(0.5, gt=0.0, max=1.0)  # teacher: warmup trains on this cleanest share
+    #: epochs of the warm-up teacher (v1: 1; v2 runs: 10; ASSUMED)
+    warmup_epochs: int = setting(1, min=1)
     rescore_every: int = setting(5, min=1)  # rounds between rescorings (ASSUMED, spec 3.2)
     ramp_rescorings: int = setting(3, min=1)  # J_ramp: rho reaches rho_max at the J_ramp-th rescoring
     #: contamination estimate in [0, 1), or "oracle" (true train contamination; analysis only)
@@ -199,6 +210,8 @@ class STKDClient(StagedMethod):
         if "teacher" not in state:
             if self.settings.teacher == "init":
                 state["teacher"] = _clone(self._init_encoder)
+            elif self.settings.teacher == "random":
+                state["teacher"] = _clone(self._random_encoder())
             else:
                 self.warmup.load_state_dict(self._init)
                 keep = exclusion_mask(robust_distance(x), 1.0 - self.settings.warmup_fraction)
@@ -207,10 +220,18 @@ class STKDClient(StagedMethod):
                                                    {"warmup": 0.0}, sums)
                 # own generator salt: the variants' batch order does not depend on this option
                 train_epochs(nn.ModuleDict({"warmup": self.warmup}), self._indexed(x), self.cfg,
-                             info.generator(salt=1), epochs=1, objective=objective)
+                             info.generator(salt=1), epochs=self.settings.warmup_epochs,
+                             objective=objective)
                 state["teacher"] = _clone(self.warmup.encoder.state_dict())
         self.teacher.load_state_dict(state["teacher"])
         return self.teacher.eval().requires_grad_(False)
+
+    def _random_encoder(self) -> dict[str, Tensor]:
+        """An encoder of the same architecture from an independent seed (teacher: random)."""
+        s = self.settings
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.experiment.seed + 0x5EED)
+            return AutoEncoder(int(np.prod(self.input_shape)), s.hidden, s.code_dim).encoder.state_dict()
 
     # -- rounds -------------------------------------------------------------------------------
 
