@@ -116,13 +116,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedkd.report import compare
+    from fedkd.compare import compare, is_run_dir
 
-    dirs = [Path(d) for d in args.run_dirs]
-    for d in dirs:
-        if not (d / "metrics.jsonl").exists():
-            raise UsageError(f"{d}: not a run directory (no metrics.jsonl)")
-    print(compare(dirs, Path(args.out) if args.out else None))  # Markdown: no terminal wrapping
+    out = Path(args.out)
+    dirs = []
+    for d in map(Path, args.run_dirs):
+        if d.resolve() == out.resolve():
+            continue  # an earlier comparison's own output (`fedkd compare runs/*` run twice)
+        if is_run_dir(d):
+            dirs.append(d)
+        else:
+            err.print(f"skipped {d}: not a run directory (no metrics.jsonl)", highlight=False)
+    if not dirs:
+        raise UsageError("no run directory to compare (each holds a metrics.jsonl)")
+    print(compare(dirs, out))  # Markdown: no terminal wrapping
+    console.print(f"comparison of {len(dirs)} run(s) written to {out}/: compare.md, compare.html, "
+                  "compare.png, compare_clients.png", highlight=False)
     return 0
 
 
@@ -160,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("compare", help="side-by-side table and plot of several runs")
     p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", help="where compare.md/png go")
+    p.add_argument("--out", default="compare",
+                   help="directory for compare.md/.html/.png (default ./compare; printed at the end)")
     p.set_defaults(fn=cmd_compare)
     return parser
 

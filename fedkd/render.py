@@ -1,17 +1,47 @@
 """Report rendering: a list of blocks (headings, lists, tables, images) as Markdown or HTML.
 
 Kept apart from `fedkd.report`, which decides what a report says; this module only decides how
-it looks in each format.
+it looks in each format. HTML comes from a Jinja2 template (`fedkd/templates/report.html.j2`):
+one self-contained file (inline CSS, figures as data URIs, no scripts, no network requests) that
+reads on a phone and on a desktop; Markdown keeps prose within 80 columns.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import textwrap
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-Block = tuple[Any, ...]  # ("h1"|"h2"|"p", text) | ("ul", items) | ("table", headers, rows) | ("img", file, alt)
+import jinja2
+
+# ("h1"|"h2"|"p", text) | ("ul", items) | ("table", headers, rows[, Table options])
+# | ("img", file, alt[, caption]) | ("failures", [Failure, ...])
+Block = tuple[Any, ...]
+WIDTH = 80  # Markdown prose is wrapped here (tables and long words cannot be)
+
+
+@dataclass
+class TableOptions:
+    """How a table reads: rows to highlight (failed clients), a note under it."""
+
+    highlight: frozenset[int] = frozenset()  # row indexes
+    note: str = ""
+    left: int = 1  # how many leading columns are text (left-aligned); the rest are numbers
+
+
+@dataclass
+class Failure:
+    """One failed client call: the exception line up front, the traceback one click away."""
+
+    round: int
+    phase: str
+    partition_id: Any
+    error: str  # the exception's type and message
+    traceback: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -20,7 +50,25 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def human_bytes(n: float | None) -> str:
+    """1536 -> '1.5 KiB': byte counts a reader can compare at a glance."""
+    if n is None:
+        return "n/a"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # unreachable
+
+
+def _wrap(text: str, prefix: str = "") -> str:
+    return textwrap.fill(text, WIDTH, initial_indent=prefix, subsequent_indent=" " * len(prefix),
+                         break_long_words=False, break_on_hyphens=False)
+
+
 def to_markdown(blocks: Sequence[Block]) -> str:
+    """GitHub-flavoured Markdown; prose wrapped at 80 columns."""
     def cell(x: Any) -> str:
         return _fmt(x).replace("|", "\\|").replace("\n", " ")
 
@@ -29,40 +77,53 @@ def to_markdown(blocks: Sequence[Block]) -> str:
         if kind in ("h1", "h2"):
             out.append(f"{'#' * int(kind[1])} {args[0]}")
         elif kind == "p":
-            out.append(args[0])
+            out.append(_wrap(args[0]))
         elif kind == "ul":
-            out.append("\n".join(f"- {item}" for item in args[0]))
+            out.append("\n".join(_wrap(str(item), "- ") for item in args[0]))
         elif kind == "table":
-            head, rows = args
-            out.append("\n".join(["| " + " | ".join(map(cell, head)) + " |", "|" + "---|" * len(head),
+            head, rows = args[0], args[1]
+            opts = args[2] if len(args) > 2 else TableOptions()
+            align = "|" + "".join("---|" if i < opts.left else "--:|" for i in range(len(head)))
+            out.append("\n".join(["| " + " | ".join(map(cell, head)) + " |", align,
                                   *("| " + " | ".join(map(cell, row)) + " |" for row in rows)]))
+            if opts.note:
+                out.append(_wrap(opts.note))
+        elif kind == "failures":
+            out.append("\n".join(["| round | phase | client | error |", "|--:|---|--:|---|",
+                                  *(f"| {f.round} | {f.phase} | {f.partition_id} | {cell(f.error)} |"
+                                    for f in args[0])]))
         elif kind == "img":
             out.append(f"![{args[1]}]({args[0]})")
+            if len(args) > 2 and args[2]:
+                out.append(_wrap(args[2]))
     return "\n\n".join(out) + "\n"
 
 
-CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
-       "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%}")
+@lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("fedkd", "templates"),
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters["fmt"] = _fmt
+    return env
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def to_html(blocks: Sequence[Block], base: Path, title: str) -> str:
     """Self-contained HTML: PNGs from `base` embedded as base64 data URIs, inline CSS."""
-    esc = html.escape
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-           f"<style>{CSS}</style></head><body>"]
+    items: list[dict[str, Any]] = []
     for kind, *args in blocks:
-        if kind in ("h1", "h2", "p"):
-            out.append(f"<{kind}>{esc(args[0])}</{kind}>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{esc(str(i))}</li>" for i in args[0]) + "</ul>")
-        elif kind == "table":
-            head, rows = args
-            out.append("<table><tr>" + "".join(f"<th>{esc(_fmt(h))}</th>" for h in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{esc(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
-                       + "</table>")
+        if kind == "table":
+            opts = args[2] if len(args) > 2 else TableOptions()
+            items.append({"kind": kind, "head": args[0], "rows": args[1], "opts": opts})
         elif kind == "img":
-            data = base64.b64encode((base / args[0]).read_bytes()).decode()
-            out.append(f"<figure><img alt='{esc(args[1])}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption>{esc(args[1])}</figcaption></figure>")
-    return "\n".join(out) + "\n</body></html>\n"
+            items.append({"kind": kind, "src": _data_uri(base / args[0]), "alt": args[1],
+                          "caption": args[2] if len(args) > 2 else args[1]})
+        elif kind == "failures":
+            items.append({"kind": kind, "failures": args[0]})
+        else:
+            items.append({"kind": kind, "value": args[0]})
+    return _environment().get_template("report.html.j2").render(title=title, blocks=items)

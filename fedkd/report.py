@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -25,16 +24,18 @@ from rich import box
 from rich.table import Table
 
 from fedkd import plots
-from fedkd.render import Block, _fmt, to_html, to_markdown
+from fedkd.render import Block, Failure, TableOptions, _fmt, human_bytes, to_html, to_markdown
 from fedkd.rundir import UNFINISHED, resume_hint, run_status
 
 HEADLINE = "last-round accuracy (example-weighted)"
 BEST = "best-of-evaluations"
 CLIENT_FIELDS = ["partition_id", "model", "num_train", "num_test", "accuracy", "loss", "last_evaluated_round",
                  "rounds_trained", "failures", "train_seconds", "bytes_sent", "bytes_received"]
-FIGURES = {"accuracy_rounds.png": "Accuracy over rounds (spread across clients)",
-           "client_accuracy.png": "Final per-client accuracy",
-           "label_distribution.png": "Label distribution per client (train)"}
+#: above this many clients the tables show a summary and the SHOWN worst and best clients
+MANY_CLIENTS = plots.MANY_CLIENTS
+SHOWN = 20
+#: failed calls listed with their traceback in a report (the rest: count and metrics.jsonl)
+FAILURES_SHOWN = 50
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -74,11 +75,15 @@ def _get(cfg: dict, dotted: str) -> Any:
 
 
 def error_line(err: str | None) -> str:
-    """One line for a client's error: the exception line of a traceback, else its first line."""
-    lines = [ln.strip() for ln in (err or "").splitlines() if ln.strip()]
-    if not lines:
-        return ""
-    return lines[-1] if lines[0].startswith("Traceback (most recent call last)") else lines[0]
+    """One line for a client's error: the exception's type and message when the text holds a
+    traceback (after any header such as 'client 3 (round 2, train):'), else its first line."""
+    lines = [ln.rstrip() for ln in (err or "").splitlines() if ln.strip()]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")]
+    if starts:  # the last traceback of a chain; its first unindented line is the exception
+        tail = [ln for ln in lines[starts[-1] + 1:] if not ln.startswith((" ", "\t"))]
+        if tail:
+            return tail[0].strip()
+    return lines[0].strip() if lines else ""
 
 
 def round_stats(evals: Sequence[dict]) -> dict:
@@ -105,9 +110,11 @@ def _ok_evals(records: Sequence[dict]) -> dict[int, dict[Any, dict]]:
 
 
 def client_model(run: dict, pid: Any) -> str | None:
-    """The architecture run.json records for partition `pid` (None when it records none)."""
+    """The architecture run.json records for partition `pid` (None when it records none).
+    run.json keeps the cycle of architectures (client k gets models[k % len]), not one entry per
+    client; older run.json files list every client, which the same rule reads unchanged."""
     models = run.get("client_models") or []
-    return models[pid] if isinstance(pid, int) and pid < len(models) else None
+    return models[pid % len(models)] if isinstance(pid, int) and pid >= 0 and models else None
 
 
 def last_three(per_round: Sequence[dict]) -> float | None:
@@ -236,7 +243,120 @@ def _headline_rows(s: dict) -> list[list[Any]]:
             ["central accuracy (global model, global test set)", s["central_accuracy"]]]
 
 
-def _report_blocks(s: dict, rows: list[dict], figures: list[str]) -> list[Block]:
+def failures(records: Sequence[dict]) -> list[Failure]:
+    """Every failed client call, with its exception line and full traceback."""
+    return [Failure(r["round"], r["phase"], r.get("partition_id"), error_line(r.get("error")),
+                    (r.get("error") or "").strip())
+            for r in records if r.get("status") == "failed"]
+
+
+def _quantiles(values: Sequence[float]) -> list[float]:
+    return [float(q) for q in np.quantile(np.asarray(values, dtype=float), [0.0, 0.1, 0.5, 0.9, 1.0])]
+
+
+def worst_and_best(rows: Sequence[dict], k: int = SHOWN) -> tuple[list[dict], list[dict]]:
+    """The k lowest and k highest final accuracies (ties: lower partition id first)."""
+    ranked = sorted((r for r in rows if r["accuracy"] is not None),
+                    key=lambda r: (r["accuracy"], r["partition_id"]))
+    return ranked[:k], sorted(ranked[-k:], key=lambda r: (-r["accuracy"], r["partition_id"]))
+
+
+def _client_columns(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """Result and cost columns (clients.csv keys); model only when clients differ in it."""
+    multi = len({r["model"] for r in rows}) > 1
+    return (["partition_id", *(["model"] if multi else []), "num_train", "num_test", "accuracy", "loss",
+             "last_evaluated_round", "rounds_trained", "failures"],
+            ["partition_id", "train_seconds", "bytes_sent", "bytes_received"])
+
+
+HEADS = {"partition_id": "client", "model": "model", "num_train": "train", "num_test": "test",
+         "accuracy": "accuracy", "loss": "loss", "last_evaluated_round": "round",
+         "rounds_trained": "trained", "failures": "fails", "train_seconds": "train s",
+         "bytes_sent": "sent", "bytes_received": "received"}
+
+
+def _cell(row: dict, key: str) -> Any:
+    value = row[key]
+    if key.startswith("bytes_"):
+        return human_bytes(value)
+    if key == "train_seconds":
+        return _fmt(value, 2)
+    return value
+
+
+def _client_table(rows: Sequence[dict], keys: Sequence[str], note: str = "") -> Block:
+    options = TableOptions(highlight=frozenset(i for i, r in enumerate(rows) if r["failures"]), note=note,
+                           left=2 if "model" in keys else 1)
+    return ("table", [HEADS[k] for k in keys], [[_cell(r, k) for k in keys] for r in rows], options)
+
+
+def _client_blocks(rows: list[dict]) -> list[Block]:
+    """Per-client tables: every client up to MANY_CLIENTS, else a summary and the 20 worst and
+    20 best (clients.csv always holds them all)."""
+    results, cost = _client_columns(rows)
+    failed_note = "Clients with a failed call are highlighted in report.html (see Failed clients)."
+    if len(rows) <= MANY_CLIENTS:
+        fails = any(r["failures"] for r in rows)
+        return [("h2", "Per-client results"), _client_table(rows, results, failed_note if fails else ""),
+                ("p", "Per-client cost: local training time summed over rounds, and bytes sent and "
+                      "received over the whole run."), _client_table(rows, cost)]
+    accs = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+    q = _quantiles(accs) if accs else [None] * 5
+    worst, best = worst_and_best(rows)
+    summary = [["clients", len(rows)], ["clients with a final accuracy", len(accs)],
+               ["clients with a failed call", sum(bool(r["failures"]) for r in rows)],
+               ["accuracy min / p10 / median", " / ".join(_fmt(v) for v in q[:3])],
+               ["accuracy p90 / max", " / ".join(_fmt(v) for v in q[3:])],
+               ["train s per client (median)", _fmt(float(np.median([r["train_seconds"] for r in rows])), 2)],
+               ["bytes sent per client (median)", human_bytes(float(np.median([r["bytes_sent"] for r in rows])))]]
+    return [("h2", f"Per-client results ({len(rows)} clients: summary, {SHOWN} worst, {SHOWN} best)"),
+            ("table", ["per-client", "value"], summary),
+            ("p", f"Every client's row is in clients.csv; above {MANY_CLIENTS} clients the report "
+                  f"lists the {SHOWN} lowest and {SHOWN} highest final accuracies."),
+            ("h2", f"{SHOWN} worst clients"), _client_table(worst, results),
+            ("h2", f"{SHOWN} best clients"), _client_table(best, results)]
+
+
+def _captions(s: dict, rows: list[dict], partition: dict, cfg: dict) -> dict[str, tuple[str, str]]:
+    """Figure -> (alt, caption): the caption says what the figure shows that the title does not."""
+    evaluated = [r for r in rows if r["accuracy"] is not None]
+    out: dict[str, tuple[str, str]] = {}
+    if s["per_round"]:
+        central = (f" Triangles: the global model on the global test set (last {_fmt(s['central_accuracy'])})."
+                   if s["central"] else "")
+        out["accuracy_rounds.png"] = (
+            "Accuracy over rounds", f"Line: mean across the clients evaluated each round; dark band ±1 std, "
+            f"light band min to max. Dashed: example-weighted, the headline ({_fmt(s['accuracy'])} in "
+            f"round {_fmt(s['last_round'])}; best round {_fmt(s['best_round'])}).{central}")
+    if evaluated:
+        lo = min(evaluated, key=lambda r: r["accuracy"])
+        hi = max(evaluated, key=lambda r: r["accuracy"])
+        shape = ("Histogram and ECDF of" if len(rows) > MANY_CLIENTS else "One dot per client:")
+        failed = sum(bool(r["failures"]) for r in rows)
+        out["client_accuracy.png"] = (
+            "Final per-client accuracy",
+            f"{shape} final accuracy of {len(evaluated)} clients, from client {lo['partition_id']} "
+            f"({lo['accuracy']:.3f}) to client {hi['partition_id']} ({hi['accuracy']:.3f}); worst-10% mean "
+            f"{_fmt(s['accuracy_worst10'], 3)}. The axis spans the data, not 0 to 1; the solid line is the "
+            f"headline." + (f" Red crosses: {failed} client(s) with a failed call." if failed
+                             and len(rows) <= MANY_CLIENTS else ""))
+    clients = partition.get("clients") or []
+    if clients:
+        sizes = [sum(c["train"]) for c in clients]
+        how = _get(cfg, "data.partitioner.name")
+        how = (f" ({how}, alpha {_get(cfg, 'data.partitioner.alpha')})" if how == "dirichlet"
+               else f" ({how} partition)" if how else "")
+        sample = (f" Shown: a seeded sample of {plots.HEATMAP_SAMPLE} of {len(clients)} clients."
+                  if len(clients) > MANY_CLIENTS else "")
+        out["label_distribution.png"] = (
+            "Label distribution per client",
+            f"Train examples per class{how}; clients hold {min(sizes)} to {max(sizes)} train examples "
+            f"(median {int(np.median(sizes))}).{sample}")
+    return out
+
+
+def _report_blocks(s: dict, rows: list[dict], figures: dict[str, tuple[str, str]],
+                   fails: list[Failure]) -> list[Block]:
     evaluated = f"{s['evaluated_model'] or 'unknown'} model, {s['evaluated_when'] or 'when: n/a'}"
     blocks: list[Block] = [
         ("h1", f"fedkd run report: {s['experiment'] or 'unnamed'}"),
@@ -252,10 +372,13 @@ def _report_blocks(s: dict, rows: list[dict], figures: list[str]) -> list[Block]
               "on test data and is shown for reference only."),
         ("h2", f"Failed clients ({s['failures']})"),
     ]
-    fails = s["failed_clients"]
-    blocks.append(("table", ["round", "phase", "partition_id", "error"],
-                   [[f["round"], f["phase"], f["partition_id"], f["error"]] for f in fails]) if fails
-                  else ("p", "No failed client records."))
+    if fails:
+        more = len(fails) - FAILURES_SHOWN
+        blocks.append(("failures", fails[:FAILURES_SHOWN]))
+        if more > 0:
+            blocks.append(("p", f"{more} more failed calls are recorded in metrics.jsonl."))
+    else:
+        blocks.append(("p", "No failed client records."))
     if s.get("skipped_rounds") or s.get("rejected"):  # validation (fedkd.validation)
         blocks += [("h2", f"Skipped rounds ({len(s['skipped_rounds'])}) and rejected updates "
                           f"({s['rejected']})"),
@@ -264,15 +387,16 @@ def _report_blocks(s: dict, rows: list[dict], figures: list[str]) -> list[Block]
                          "the previous global model. Skipped rounds: "
                          f"{', '.join(map(str, s['skipped_rounds'])) or 'none'}.")]
         if s["rejected_updates"]:
-            blocks.append(("table", ["round", "partition_id", "reason"],
-                           [[u["round"], u["partition_id"], u["reason"]] for u in s["rejected_updates"]]))
+            blocks.append(("table", ["round", "client", "reason"],
+                           [[u["round"], u["partition_id"], u["reason"]] for u in s["rejected_updates"]],
+                           TableOptions(left=0)))
     if s.get("per_model"):  # heterogeneous clients: is one architecture behind?
         blocks += [("h2", f"By architecture (round {_fmt(s['last_round'])})"),
-                   ("table", ["model", "clients", "accuracy (example-weighted)", "unweighted mean", "min", "max"],
+                   ("table", ["model", "clients", "accuracy (weighted)", "unweighted", "min", "max"],
                     [[m, p["clients"], p["accuracy"], p["accuracy_unweighted"], p["min"], p["max"]]
                      for m, p in s["per_model"].items()])]
-    blocks += [("h2", "Per-client results"), ("table", CLIENT_FIELDS, [[r[k] for k in CLIENT_FIELDS] for r in rows]),
-               ("h2", "Figures"), *(("img", f, FIGURES[f]) for f in figures)]
+    blocks += [*_client_blocks(rows), ("h2", "Figures"),
+               *(("img", name, alt, caption) for name, (alt, caption) in figures.items())]
     return blocks
 
 
@@ -285,66 +409,50 @@ def write_outputs(run_dir: Path) -> dict:
         writer = csv.DictWriter(f, fieldnames=CLIENT_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    figures = []
+    partition, cfg = _json(run_dir / "partition.json") or {}, _config(run_dir)
+    captions = _captions(s, rows, partition, cfg)
     if s["per_round"]:
-        figures.append(plots.accuracy_over_rounds(s["per_round"], s["central"], run_dir / "accuracy_rounds.png").name)
-    if any(r["accuracy"] is not None for r in rows):
-        figures.append(plots.client_accuracy(rows, run_dir / "client_accuracy.png").name)
-    partition = _json(run_dir / "partition.json") or {}
+        plots.accuracy_over_rounds(s["per_round"], s["central"], run_dir / "accuracy_rounds.png")
+    if "client_accuracy.png" in captions:
+        plots.client_accuracy(rows, run_dir / "client_accuracy.png", s["accuracy"], s["accuracy_unweighted"])
     if partition.get("clients"):
-        figures.append(plots.label_distribution(partition, run_dir / "label_distribution.png").name)
-    blocks = _report_blocks(s, rows, figures)
+        plots.label_distribution(partition, run_dir / "label_distribution.png", s["seed"] or 0)
+    blocks = _report_blocks(s, rows, captions, failures(read_metrics(run_dir / "metrics.jsonl")))
     (run_dir / "report.md").write_text(to_markdown(blocks))
     (run_dir / "report.html").write_text(to_html(blocks, run_dir, f"fedkd report: {s['experiment']}"))
     return s
 
 
+def _short_bytes(n: float) -> str:
+    """'66.6M' for the terminal's narrow columns."""
+    return human_bytes(n).replace(" ", "").replace("iB", "")
+
+
 def client_table(run_dir: Path) -> Table:
-    """Final per-client results for the terminal (failing clients in red); short headers fit 80 columns."""
-    heads = ["id", "model", "train", "test", "acc", "loss", "round", "trained", "fails", "sec", "MB sent", "MB recv"]
-    table = Table(title=f"Per-client results: {Path(run_dir).name}", box=box.SIMPLE_HEAD, pad_edge=False,
-                  padding=(0, 1, 0, 0))
-    for head in heads:
-        table.add_column(head, justify="right")
-    for r in client_rows(run_dir):
-        r = r | {"bytes_sent": r["bytes_sent"] / 1e6, "bytes_received": r["bytes_received"] / 1e6}
-        table.add_row(*(_fmt(r[k], 2 if k.startswith(("bytes", "train_s")) else 3) for k in CLIENT_FIELDS),
-                      style="red" if r["failures"] else None)
+    """Final per-client results for the terminal (failing clients in red), within 80 columns.
+    Above MANY_CLIENTS: the 20 worst and 20 best, the distribution in the caption."""
+    rows = client_rows(run_dir)
+    keys, _ = _client_columns(rows)
+    if len({r["last_evaluated_round"] for r in rows}) <= 1:  # every client evaluated last round
+        keys.remove("last_evaluated_round")
+    keys += ["train_seconds", "bytes_sent", "bytes_received"]
+    heads = {**HEADS, "accuracy": "acc", "train_seconds": "sec", "partition_id": "id", "bytes_received": "recv"}
+    shown, caption = rows, None
+    if len(rows) > MANY_CLIENTS:
+        worst, best = worst_and_best(rows)
+        accs = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+        q = _quantiles(accs) if accs else [None] * 5
+        caption = (f"{SHOWN} worst, then {SHOWN} best of {len(rows)} clients (all in clients.csv); "
+                   f"accuracy min {_fmt(q[0], 3)}, median {_fmt(q[2], 3)}, max {_fmt(q[4], 3)}")
+        shown = [*worst, None, *best]
+    table = Table(title=f"Per-client results: {Path(run_dir).name}", caption=caption, box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, padding=0)  # the box gives one space between columns
+    for k in keys:
+        table.add_column(heads[k], justify="left" if k == "model" else "right", no_wrap=True)
+    for r in shown:
+        if r is None:
+            table.add_section()
+            continue
+        table.add_row(*(_short_bytes(r[k]) if k.startswith("bytes") else _fmt(r[k], 2 if k == "train_seconds" else 3)
+                        for k in keys), style="red" if r["failures"] else None)
     return table
-
-
-def _labels(run_dirs: Sequence[Path]) -> list[str]:
-    names = [Path(d).name for d in run_dirs]
-    return names if len(set(names)) == len(names) else [f"{Path(d).parent.name}/{Path(d).name}" for d in run_dirs]
-
-
-def compare(run_dirs: list[Path], out_dir: Path | None = None) -> str:
-    """Side-by-side table (one column per run) + compare.png/.md/.html in out_dir; returns the table."""
-    run_dirs = [Path(d) for d in run_dirs]
-    sums, labels = [summarize(d) for d in run_dirs], _labels(run_dirs)
-    if out_dir is None:
-        try:
-            out_dir = Path(os.path.commonpath([d.resolve().parent for d in run_dirs]))
-        except ValueError:
-            out_dir = Path.cwd()
-        out_dir = out_dir if len(out_dir.parts) > 1 else Path.cwd()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics: list[tuple[str, Any]] = [
-        ("experiment / method / strategy", lambda s: " / ".join(_fmt(s[k]) for k in ("experiment", "method", "strategy"))),
-        ("dataset, clients, seed", lambda s: ", ".join(_fmt(s[k]) for k in ("dataset", "num_clients", "seed"))),
-        ("evaluated", lambda s: f"{_fmt(s['evaluated_model'])} ({_fmt(s['evaluated_when'])})"),
-        (f"{HEADLINE}", lambda s: f"{_fmt(s['accuracy'])} (round {_fmt(s['last_round'])})"),
-        ("unweighted mean", lambda s: _fmt(s["accuracy_unweighted"])),
-        ("std across clients", lambda s: _fmt(s["accuracy_std"])),
-        ("worst-10% mean", lambda s: _fmt(s["accuracy_worst10"])),
-        (BEST, lambda s: f"{_fmt(s['best_accuracy'])} (round {_fmt(s['best_round'])})"),
-        ("central accuracy", lambda s: _fmt(s["central_accuracy"])),
-        ("s/round (median)", lambda s: _fmt(s["seconds_per_round"], 2)),
-        ("failures", lambda s: s["failures"]),
-    ]
-    table: Block = ("table", ["metric", *labels], [[name, *(fn(s) for s in sums)] for name, fn in metrics])
-    plots.compare_accuracy(list(zip(labels, (s["per_round"] for s in sums))), out_dir / "compare.png")
-    blocks: list[Block] = [("h1", "fedkd run comparison"), table, ("img", "compare.png", "Accuracy over rounds")]
-    (out_dir / "compare.md").write_text(to_markdown(blocks))
-    (out_dir / "compare.html").write_text(to_html(blocks, out_dir, "fedkd run comparison"))
-    return to_markdown([table])

@@ -88,7 +88,6 @@ def quiet_flower(enabled: bool) -> Iterator[None]:
 
 def run_info(cfg: FedkdConfig, status: str, wall: float | None, reason: str | None = None) -> dict:
     """run.json: how the run ended (and why, when it failed), which model was evaluated, when."""
-    from fedkd.models import client_model_name
     from fedkd.registry import METHODS
 
     client = METHODS[cfg.method["name"]].client
@@ -96,9 +95,9 @@ def run_info(cfg: FedkdConfig, status: str, wall: float | None, reason: str | No
     when = ("after aggregation (global model)" if evaluates == "global"
             else "after the client's local training in that round (personal parts), "
                  "with the latest aggregated shared parts")
-    # each client's architecture, for the per-client report (null: the method's own models)
-    models = ([client_model_name(cfg.model.name, cfg.model.per_client, pid) for pid in range(cfg.data.num_clients)]
-              if client.uses_model_config else None)
+    # the clients' architectures as a cycle (client k: models[k % len]; null: the method's own
+    # models), not one entry per client: a 10,000-client run.json does not repeat "cnn" 10,000 times
+    models = (list(cfg.model.per_client) or [cfg.model.name]) if client.uses_model_config else None
     return {"evaluated_model": evaluates, "evaluated_when": when, "score": client.score,
             "client_models": models, "wall_seconds": wall,
             "second_model": (dict(zip(("name", "metric"), client.second_model))

@@ -6,13 +6,12 @@ import csv
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from fedkd.report import (client_table, compare, read_metrics, summarize, write_outputs)
+from fedkd.report import (client_table, read_metrics, summarize, write_outputs)
 from fedkd.sweep import sweep_table
 
 NUM_EXAMPLES = {0: 10, 1: 30, 2: 60}
@@ -137,27 +136,6 @@ def test_client_table(run: Path) -> None:
     console.print(table)
     text = console.export_text()
     assert "acc" in text and "0.500" in text and "0.900" in text
-
-
-def test_compare(tmp_path: Path) -> None:
-    a = make_run(tmp_path / "run_a", name="alpha")
-    b = make_run(tmp_path / "run_b", name="beta", acc={r: [x * 0.9 for x in v] for r, v in ACC.items()})
-    table = compare([a, b])
-    assert all(x in table for x in ("run_a", "run_b", "alpha", "beta", "best-of-evaluations"))
-    assert "0.7200 (round 3)" in table
-    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert "compare.png" in (tmp_path / "compare.md").read_text()
-    assert "data:image/png;base64," in (tmp_path / "compare.html").read_text()
-    out = tmp_path / "cmp"
-    compare([a, b], out)
-    assert (out / "compare.png").exists()
-
-
-def test_duplicate_dir_names_get_parent_label(tmp_path: Path) -> None:
-    a, b = make_run(tmp_path / "x" / "run"), make_run(tmp_path / "y" / "run")
-    table = compare([a, b], tmp_path)
-    assert "x/run" in table and "y/run" in table
-    shutil.rmtree(tmp_path / "x")
 
 
 def test_sweep_table(run: Path) -> None:

@@ -1,0 +1,102 @@
+"""`fedkd compare`: several runs side by side, labelled by what differs between their configs.
+
+Each run is named by the config keys whose values differ between the runs (for example
+`strategy.name=fedadam`), not by its time-stamped directory; the outputs go to a directory of
+their own, never into the one holding the runs, so `fedkd compare runs/*` can be rerun.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from fedkd import plots
+from fedkd.render import Block, TableOptions, _fmt, to_html, to_markdown
+from fedkd.report import BEST, HEADLINE, _config, client_rows, summarize
+
+#: keys that say where a run lived or how it was scheduled, not what was run
+IGNORED_KEYS = ("experiment.output_dir", "data.data_dir", "simulation.ray_address")
+#: differing keys shown in a label (all of them are listed under the table)
+LABEL_KEYS = 3
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory `fedkd run` wrote (it holds metrics.jsonl)."""
+    return (Path(path) / "metrics.jsonl").is_file()
+
+
+def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        return {prefix[:-1]: cfg}
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def differing_keys(configs: Sequence[dict]) -> list[str]:
+    """Dotted config keys whose values are not the same in every config (in config order)."""
+    flat = [_flatten(c) for c in configs]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    return [k for k in keys if k not in IGNORED_KEYS
+            and len({repr(f.get(k, "<unset>")) for f in flat}) > 1]
+
+
+def run_labels(run_dirs: Sequence[Path]) -> tuple[list[str], list[str]]:
+    """(labels, differing keys): `key=value` for up to LABEL_KEYS differing keys; the directory
+    name where configs are the same or labels would collide."""
+    configs = [_config(Path(d)) for d in run_dirs]
+    keys = differing_keys(configs)
+    flat = [_flatten(c) for c in configs]
+    labels = [", ".join(f"{k}={f.get(k)}" for k in keys[:LABEL_KEYS])
+              + (f" (+{len(keys) - LABEL_KEYS})" if len(keys) > LABEL_KEYS else "") for f in flat]
+    names = [Path(d).name for d in run_dirs]
+    if len(set(names)) < len(names):
+        names = [f"{Path(d).parent.name}/{Path(d).name}" for d in run_dirs]
+    if not keys or len(set(labels)) < len(labels):
+        labels = [f"{lab} [{name}]" if lab else name for lab, name in zip(labels, names)]
+    return labels, keys
+
+
+def compare(run_dirs: Sequence[Path], out_dir: Path) -> str:
+    """compare.md/.html/.png and compare_clients.png in `out_dir`; returns the Markdown table."""
+    run_dirs = [Path(d) for d in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sums = [summarize(d) for d in run_dirs]
+    labels, keys = run_labels(run_dirs)
+    metrics: list[tuple[str, Callable[[dict], Any]]] = [
+        ("experiment / method / strategy",
+         lambda s: " / ".join(_fmt(s[k]) for k in ("experiment", "method", "strategy"))),
+        ("dataset, clients, seed", lambda s: ", ".join(_fmt(s[k]) for k in ("dataset", "num_clients", "seed"))),
+        ("evaluated", lambda s: _fmt(s["evaluated_model"])),
+        (HEADLINE, lambda s: f"{_fmt(s['accuracy'])} (round {_fmt(s['last_round'])})"),
+        ("unweighted mean", lambda s: _fmt(s["accuracy_unweighted"])),
+        ("std across clients", lambda s: _fmt(s["accuracy_std"])),
+        ("worst-10% mean", lambda s: _fmt(s["accuracy_worst10"])),
+        (BEST, lambda s: f"{_fmt(s['best_accuracy'])} (round {_fmt(s['best_round'])})"),
+        ("central accuracy", lambda s: _fmt(s["central_accuracy"])),
+        ("s/round (median)", lambda s: _fmt(s["seconds_per_round"], 2)),
+        ("failures", lambda s: s["failures"]),
+        ("status", lambda s: s["status"]),
+    ]
+    table: Block = ("table", ["metric", *labels], [[name, *(fn(s) for s in sums)] for name, fn in metrics],
+                    TableOptions(left=1))
+    plots.compare_accuracy(list(zip(labels, (s["per_round"] for s in sums))), out_dir / "compare.png")
+    per_client = [[r["accuracy"] for r in client_rows(d) if r["accuracy"] is not None] for d in run_dirs]
+    plots.compare_clients(list(zip(labels, per_client)), out_dir / "compare_clients.png")
+    differs = (f"The runs differ in: {', '.join(keys)}." if keys
+               else "The runs have the same config; they are named by directory.")
+    blocks: list[Block] = [
+        ("h1", "fedkd run comparison"),
+        ("ul", [f"{label}: {d}" for label, d in zip(labels, run_dirs)]),
+        ("p", differs), table,
+        ("img", "compare.png", "Accuracy over rounds",
+         "Example-weighted accuracy per round, one line per run; band: ±1 std across clients."),
+        ("img", "compare_clients.png", "Per-client accuracy per run",
+         "Final accuracy of every client (dots) with its box (median, quartiles) per run: the "
+         "spread behind each headline."),
+    ]
+    (out_dir / "compare.md").write_text(to_markdown(blocks))
+    (out_dir / "compare.html").write_text(to_html(blocks, out_dir, "fedkd run comparison"))
+    return to_markdown([("p", differs), table])
