@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -157,14 +157,17 @@ def resume_experiment(run_dir: str | Path, overrides: Iterable[str] = (), quiet:
             raise ConfigError("train.rounds", cfg.train.rounds,
                               f"must be > {done}, the rounds the run has done")
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    if ray_address:
-        cfg.simulation.ray_address = ray_address
-    return execute(cfg, run_dir, checkpoint, quiet)
+        if ray_address:
+            cfg.simulation.ray_address = ray_address
+        # still under the lock taken for the checks: no second process can slip in between
+        return execute(cfg, run_dir, checkpoint, quiet, locked=True)
 
 
-def execute(cfg: FedkdConfig, run_dir: Path, checkpoint: Checkpoint | None, quiet: bool) -> Path:
-    """Run (or continue after `checkpoint`) the simulation in a prepared run directory."""
-    with RunLock(run_dir):  # held until this process ends the run, or dies
+def execute(cfg: FedkdConfig, run_dir: Path, checkpoint: Checkpoint | None, quiet: bool,
+            locked: bool = False) -> Path:
+    """Run (or continue after `checkpoint`) the simulation in a prepared run directory
+    (`locked`: the caller already holds its RunLock)."""
+    with nullcontext() if locked else RunLock(run_dir):  # held until the run ends, or dies
         roll_back(run_dir, checkpoint)
         started = time.perf_counter()
         write_run_info(run_dir, cfg, "running", None)
