@@ -6,11 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from rich.console import Console
 
 from fedkd.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from fedkd.config import FedkdConfig
 
 console = Console()
 err = Console(stderr=True)
@@ -54,11 +57,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError("--resume RUN_DIR names the run directory; drop --run-dir")
         # with --resume every positional is an override (the config is the run's own)
         overrides = [args.config, *args.overrides] if args.config else args.overrides
+        if args.dry_run:
+            from fedkd.rundir import resume_config
+
+            return _dry_run(resume_config(Path(args.resume), overrides))
         run_dir = resume_experiment(args.resume, overrides, quiet=args.quiet)
     else:
         if not args.config:
-            raise UsageError("fedkd run needs a CONFIG (or --resume RUN_DIR)")
+            raise UsageError("fedkd run needs a CONFIG: a YAML file or a bundled experiment's "
+                             "name (fedkd list), or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            return _dry_run(cfg)
         run_dir = run_experiment(cfg, args.run_dir, quiet=args.quiet)
     _report_failures(run_dir)
     _print_result(run_dir)
@@ -66,6 +76,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if info.get("status") != "complete":
         err.print(f"[red]run {info.get('status')}: {info.get('status_reason')}[/]")
         return 1
+    return 0
+
+
+def _dry_run(cfg: "FedkdConfig") -> int:
+    """The resolved config, then the clients, nodes and data sizes; nothing started or written."""
+    from fedkd.api import plan
+    from fedkd.config import to_yaml
+
+    print(to_yaml(cfg), end="")
+    print("---")
+    print(plan(cfg).describe())
     return 0
 
 
@@ -92,7 +113,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     from fedkd.registry import METHODS
     from fedkd.strategies.flower import STRATEGIES
 
-    for title, rows in (("methods", {k: v.description for k, v in METHODS.items()}),
+    from fedkd.config import experiments
+
+    for title, rows in (("experiments (fedkd run NAME)",
+                         {k: _first_comment(p) for k, p in experiments().items()}),
+                        ("methods", {k: v.description for k, v in METHODS.items()}),
                         ("strategies", {k: v.description for k, v in STRATEGIES.items()}),
                         ("models", MODELS), ("datasets", DATASETS)):
         table = Table(title=title, show_header=False)
@@ -100,6 +125,16 @@ def cmd_list(args: argparse.Namespace) -> int:
             table.add_row(escape(name), escape(text))  # descriptions hold literal [brackets]
         console.print(table)
     return 0
+
+
+def _first_comment(path: Path) -> str:
+    """An experiment's description: the first comment line of its YAML (or nothing)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -136,17 +171,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedkd import __version__
+
     parser = argparse.ArgumentParser(prog="fedkd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fedkd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run one experiment: CONFIG [key=value ...], or continue one: "
                                    "--resume RUN_DIR [train.rounds=N]")
-    p.add_argument("config", nargs="?", help="YAML file, e.g. configs/experiment/quickstart.yaml")
+    p.add_argument("config", nargs="?", help="YAML file, or a bundled experiment's name "
+                                             "(fedkd list), e.g. quickstart")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. strategy.name=fedprox")
     p.add_argument("--run-dir", help="where to write the run (default <output_dir>/<name>-<time>); "
                                      "must not hold a run already")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an unfinished run from its last checkpoint (train.rounds=N extends it)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, the clients, nodes and data sizes; run nothing")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("sweep", help="grid of runs x seeds, resumable, one mean ± std table")
     p.add_argument("config")
@@ -162,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "paired by seed against each, with the benchmark protocol's verdict")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_sweep)
-    p = sub.add_parser("list", help="methods, strategies, models, datasets")
+    p = sub.add_parser("list", help="bundled experiments, methods, strategies, models, datasets")
     p.set_defaults(fn=cmd_list)
     p = sub.add_parser("report", help="re-render a run directory's report")
     p.add_argument("run_dir")
@@ -175,10 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Options anywhere on the line: `fedkd run CFG --quiet train.rounds=1` (each subcommand's
+    arguments are parsed intermixed; argparse cannot do that through subparsers itself)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not argv or argv[0] not in subs:  # --version, --help, a missing or unknown command
+        return parser.parse_args(argv)
+    args = subs[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from fedkd.engine import EngineError, exit_on_signals
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # Ctrl-C and `kill`/timeout (SIGTERM) unwind through the context managers, so the run's
     # report is written and Ray (a sweep's head too) stopped; then one line, exit 128+signal
     with exit_on_signals() as interrupted:

@@ -373,9 +373,26 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
     schema = OmegaConf.structured(FedkdConfig)
     try:
+def experiments() -> dict[str, Path]:
+    """The bundled experiments by name (`configs/experiment/<name>.yaml`, see `fedkd list`)."""
+    return {p.stem: p for p in sorted((CONFIG_DIR / "experiment").glob("*.yaml"))}
+
+
+def resolve_config(config: str | Path) -> Path:
+    """A YAML path as given, else the bundled experiment of that name (`fedkd run quickstart`)."""
+    path = Path(config)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path  # a path: load_yaml names it if it is missing
+    known = experiments()
+    if path.name in known:
+        return known[path.name]
+    raise ConfigError("config", str(config), f"neither a YAML file nor a bundled experiment; "
+                                             f"{suggest(str(config), known)}")
+
+
         layers = [OmegaConf.load(CONFIG_DIR / "defaults.yaml")]
         if path is not None:
-            layers.append(load_yaml(path))
+            layers.append(load_yaml(resolve_config(path)))
         overrides_cfg = _parse_overrides(overrides)
         user = OmegaConf.merge(*layers)
         user = registry.apply_section_defaults(user, overrides_cfg)
