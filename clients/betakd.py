@@ -20,6 +20,14 @@ Stages (a round is an epoch):
   marked multi-teacher extension, ASSUMED, not in the source) the variants `mt-equal`, `mt-task` and
   `mt-instance` train too, with channels CE plus one KD channel per listed teacher.
 
+v2 (spec 5.2-5.3 "(v2)", every v1 value still a setting): the half-width student
+(`student_hidden: 16`, v1 32; ASSUMED), the official weight learning rates (`weight_lr_mode:
+official`: task log-variances at the student lr x 1000, the instance MLP at x 10, as the
+official `create_optimizer`; `fixed` = v1's `weight_lr` for both; weight decay is
+`train.weight_decay`, 0 in every config), and the wider-gap data `data.dataset: avmnist-v2`
+(50% of training pairs corrupted, half of them image-replaced; `fedkd.taskdata.avmnist`), whose
+instance diagnostics report audio-replaced, image-replaced and clean pairs apart.
+
 Inputs are the packed AV-MNIST vectors of `fedkd.taskdata.avmnist` (784 image pixels, then 40 x 25
 log-mel values); every model splits them itself. The evaluation reads the three stacked test sets
 (clean, audio-corrupted, image-corrupted) and reports every variant and teacher on each.
@@ -56,9 +64,12 @@ from fedkd.clients.betakd_models import (  # noqa: F401
     split_modalities, teacher_fingerprint)
 from fedkd.config import ConfigError, FedkdConfig, data_dir, setting
 from fedkd.kd import clamp_log_vars, normalized_weights
-from fedkd.taskdata.avmnist import INPUT_DIM, load_avmnist, split_test
+from fedkd.taskdata.avmnist import INPUT_DIM, load_named, split_test
+from fedkd.taskdata.avmnist import VARIANTS as AVMNIST_VARIANTS
 
 SINGLE_VARIANTS = ("ce_only", "equal", "task", "instance")
+#: official code's weight learning rates as multiples of the student lr, per weighting mode
+OFFICIAL_LR_MULTIPLIER = {"task": 1000.0, "instance": 10.0}
 MULTI_VARIANTS = ("mt-equal", "mt-task", "mt-instance")
 # --------------------------------------------------------------------------- settings
 
@@ -74,7 +85,10 @@ class BetaKDSettings:
     headline: str = "task"
     #: instance mode: true per-sample channel losses, or the code's batch means broadcast per sample
     instance_losses: str = setting("per_sample", choices=["per_sample", "batch_mean"])
-    weight_lr: float = setting(1e-2, gt=0.0)  # own Adam group for s / the weight MLP
+    #: (v2) official = the code's multipliers of the student lr (task x1000, instance x10);
+    #: fixed = `weight_lr` for both modes (v1)
+    weight_lr_mode: str = setting("official", choices=["official", "fixed"])
+    weight_lr: float = setting(1e-2, gt=0.0)  # own Adam group for s / the weight MLP (fixed mode)
     clamp: float = setting(5.0, gt=0.0)  # |s| <= clamp
     instance_hidden: int = setting(128, min=1)  # weight MLP: feature_dim -> hidden -> channels
     #: ASSUMED: straight_through keeps the weight MLP's gradient beyond the clamp; hard = the
@@ -82,7 +96,8 @@ class BetaKDSettings:
     #: there (weights frozen at 1/3, every loss scaled by e^-5: the student barely trained)
     instance_clamp: str = setting("straight_through", choices=["straight_through", "hard"])
     instance_zero_init: bool = True  # ASSUMED: last layer zero, so s(x) = 0 at init ("s init 0")
-    student_hidden: int = setting(32, min=1)  # per-modality MLP width (concat = 2x)
+    #: per-modality MLP width (concat = 2x); v2 16 (half width, ASSUMED), v1 32
+    student_hidden: int = setting(16, min=1)
     #: multi-teacher extension (ASSUMED, project addition): [] = off; e.g. [image, audio, multimodal]
     teachers: list[str] = field(default_factory=list)
     #: which multi-teacher variants to train when `teachers` is set
@@ -254,8 +269,7 @@ class BetaKDClient(StagedMethod):
         self._load_teachers(state)  # frozen: only ever run under no_grad (teacher_outputs)
         packed = self.pack(data.x_train, self.teacher_outputs(data.x_train))
         variants = self._load_variants(state)
-        lr = {f"{n}.{p}": self.settings.weight_lr for n, v in variants.items()
-              for p in v.weight_prefixes()}
+        lr = self.weight_lrs()
         logs: dict[str, list[Tensor]] = {}
         train = ClientData(packed, data.y_train, data.x_test, data.y_test)
         metrics = train_epochs(variants, train, self.cfg, info.generator(), epochs=1,
@@ -288,28 +302,53 @@ class BetaKDClient(StagedMethod):
         """Instance variants' mean normalized weights on corrupted vs clean training pairs (after
         the round), when the run's data is AV-MNIST and its corruption mask is known."""
         names = [n for n, v in self.variants.items() if v.mode == "instance"]
-        mask = self._train_corruption_mask(len(data.y_train))
-        if not names or mask is None:
+        masks = self._train_corruption_masks(len(data.y_train))
+        if not names or masks is None:
             return {}
+        audio, image = masks
+        mask = audio | image
+        parts = [("corrupted", mask), ("clean", ~mask)]
+        if image.any():  # (v2) `either`: the two kinds apart
+            parts += [("audio-replaced", audio), ("image-replaced", image)]
         teacher = self.teacher_outputs(data.x_train)
         out: dict[str, float] = {}
         for name in names:
             v: Variant = self.variants[name]  # type: ignore[assignment]
             w = normalized_weights(v.instance_log_vars(teacher))
-            for part, rows in (("corrupted", mask), ("clean", ~mask)):
+            for part, rows in parts:
                 if rows.any():
                     out.update({f"{name}-weight-{c}-train-{part}": float(x)
                                 for c, x in zip(v.channels, w[rows].mean(0))})
         return out
 
-    def _train_corruption_mask(self, n: int) -> Tensor | None:
-        if self.cfg.data.dataset != "avmnist":
+    def _train_corruption_masks(self, n: int) -> tuple[Tensor, Tensor] | None:
+        """(audio-replaced, image-replaced) masks of the training pairs, when the run's data is a
+        registered AV-MNIST variant (diagnostics only)."""
+        if self.cfg.data.dataset not in AVMNIST_VARIANTS:
             return None
         try:
-            mask = load_avmnist(data_dir(self.cfg.data), self.cfg.experiment.seed).train_audio_noise
+            d = load_named(self.cfg.data.dataset, data_dir(self.cfg.data), self.cfg.experiment.seed)
         except Exception:  # diagnostic only: never fail a round for it
             return None
-        return torch.as_tensor(mask, device=self.device) if len(mask) == n else None
+        if len(d.train_audio_noise) != n:
+            return None
+        return (torch.as_tensor(d.train_audio_noise, device=self.device),
+                torch.as_tensor(d.train_image_noise, device=self.device))
+
+    def weight_lrs(self) -> dict[str, float]:
+        """Learning rate of every variant's weight parameters (spec 5.2 v2): `official` = the
+        student's lr x 1000 for task log-variances and x 10 for the instance MLP (Jingchensun/
+        beta-kd `trainer.py` `create_optimizer`: type2 -> lr * 1000, type3 -> lr * 10; mt-*
+        follow their modes); `fixed` = `weight_lr` for both (v1)."""
+        s: BetaKDSettings = self.settings
+        out: dict[str, float] = {}
+        for n, v in self.variants.items():
+            for p in v.weight_prefixes():
+                rate = s.weight_lr
+                if s.weight_lr_mode == "official":
+                    rate = self.cfg.train.lr * OFFICIAL_LR_MULTIPLIER[v.mode]
+                out[f"{n}.{p}"] = rate
+        return out
 
     # -- evaluation ----------------------------------------------------------------------------
     def inference_model(self, received: Arrays, state: dict[str, Any], partition_id: int,

