@@ -30,10 +30,27 @@ ASSUMED (spec section g; each a setting, the spec's suggested default first):
 - B2 `grad_stat`: "weight" (L2 norm of each output filter's weight gradient) | "activation"
   (Grad-CAM style mean_{b,h,w} |mean_hw(dL/dA_c) * A_c| on the conv output A).
 - B3 `diff`: "abs" |g_g - g_l| | "global_lower" relu(g_l - g_g) | "local_lower" relu(g_g - g_l);
-  `mode` "sigmoid" (alpha = sigmoid(beta * zscore(D)), beta 5) | "topk" (alpha 1 on the top rho
-  fraction of channels, at least one, else 0).
+  `mode` "sigmoid" (alpha = alpha_max * sigmoid(beta * zscore(D)), beta 5) | "topk" (alpha_max on
+  the top rho fraction of channels, at least one, else 0).
+- (v2, c.3.6) `alpha_max` in (0, 1] bounds alpha. The method config keeps 1.0, v1 exactly (spec
+  k: "the method config keeps its v1 values"); the v2 tables pass `method.alpha_max=0.2` (and
+  rho 0.1 in topk runs).
 - B4 `excite_on`: "weights" (interpolation once per round) | "features" (every forward pass adds
-  alpha_c * A^g_c to the local conv output A^l_c; the last round's alpha is kept in the state).
+  alpha_c * A^g_c to the local conv output A^l_c) | (v2) "gate" (every forward pass of the local
+  backbone multiplies the output of each low-level conv, after its BN when it has one and before
+  the ReLU, by 1 + alpha_c; no local weight moves). For features and gate this round's alpha is
+  kept in the state; the gradient statistics (c.3) read the local model without it, in both.
+  The spec's round-1 rule is literal here: alpha of the round-1 statistics (local = snapshot, so
+  D = 0 and alpha = alpha_max / 2 everywhere in sigmoid mode) acts from round 1 on.
+- (v2, c.4b) `log_excitation` (default true, logging only): on every round in which the client
+  already had a local model (round 2 on when all clients train every round) and excitation is on,
+  the fused model h(A(f_l, g_f)) and the local head h_l(f_l) are scored on the test split right
+  before and right after step c.4, with the round-start snapshot: train metrics
+  "pre-excitation-accuracy", "post-excitation-accuracy", "pre-excitation-local-accuracy",
+  "post-excitation-local-accuracy", plus "alpha-mean-<conv>" per low-level conv. The four
+  accuracies of the round a client trained are repeated in its evaluation metrics of that round,
+  where the report's per-method extras read them. The passes use no RNG and change no parameter
+  or BN statistic, so a run is bit-identical with the diagnostic off.
 - B5 `low_level`: [] = the model's `low_level_blocks` (CNN: conv1+conv2; ResNets: stem+layer1);
   FC layers are never excited. The conv layers and their BN are found by module type.
 - B6 tokens: the two pooled feature vectors (the spec's "spatial" token variant is not
@@ -70,7 +87,7 @@ from fedkd.clients.base import (Arrays, ClientData, EvalResult, PartialSharing, 
                                 proximal_term, train_epochs)
 from fedkd.clients.pse_attention import CrossModelAttention, PSEModel, PSEPredictor
 from fedkd.clients.pse_excitation import (ConvLayer, channel_gradient_norms, excitation_weights,
-                                          interpolate_channels, low_level_convs,
+                                          gate_module, interpolate_channels, low_level_convs,
                                           normalized_differentiation)
 from fedkd.config import ConfigError, FedkdConfig, setting
 from fedkd.kd import kd_loss
@@ -80,7 +97,8 @@ from fedkd.models import FedModel, build_model, check_prefixes
 LOCAL_MODEL = "local-model"  # f_l + h_l
 ATTENTION = "attention"  # A
 PERSONAL_HEAD = "personal-head"  # h
-EXCITATION = "excitation"  # the last round's alpha per low-level conv (used by excite_on: features)
+EXCITATION = "excitation"  # the last round's alpha per conv (read by excite_on: features, gate)
+DIAGNOSTIC = "excitation-diagnostic"  # the last trained round's pre/post-excitation accuracies
 ROUND_START_GLOBAL = "round-start-global"  # the snapshot the personalized parts last trained with
 PERSONAL_OPTIMIZER = "optimizer-personal"
 
@@ -97,7 +115,9 @@ class PSESettings:
     rho: float = setting(0.2, gt=0.0, max=1.0)  # topk: fraction of channels excited (ASSUMED)
     diff: str = setting("abs", choices=("abs", "global_lower", "local_lower"))  # B3 (ASSUMED)
     grad_stat: str = setting("weight", choices=("weight", "activation"))  # B2 (ASSUMED)
-    excite_on: str = setting("weights", choices=("weights", "features"))  # B4 (ASSUMED)
+    excite_on: str = setting("weights", choices=("weights", "features", "gate"))  # B4 (ASSUMED)
+    alpha_max: float = setting(1.0, gt=0.0, max=1.0)  # (v2) bound on alpha; 1 = v1 (ASSUMED)
+    log_excitation: bool = True  # (v2) pre/post-excitation accuracies (logging only, c.4b)
     low_level: list[str] = field(default_factory=list)  # module prefixes; [] = low_level_blocks
     grad_batches: int = setting(0, min=0)  # N_s batches for the statistics; 0 = all
     eps: float = setting(1e-8, gt=0.0)  # guards the normalization and the z-score
@@ -190,17 +210,22 @@ class PSEClient(PartialSharing):
             local.load_state_dict(snapshot.state_dict())
         return local
 
-    def personalized_model(self, local: FedModel, snapshot: FedModel,
-                           state: dict[str, Any]) -> PSEModel:
-        """PSEModel over `local`, the snapshot and this client's A and h (from the state)."""
+    def personalized_model(self, local: FedModel, snapshot: FedModel, state: dict[str, Any],
+                           alpha: Mapping[str, Tensor] | None = None) -> PSEModel:
+        """PSEModel over `local`, the snapshot and this client's A and h (from the state); with
+        excite_on features or gate, alpha per conv (default: the state's, the last round's)
+        acts at every forward."""
         s: PSESettings = self.settings
         self.personal_head.load_state_dict(state.get(PERSONAL_HEAD)
                                            or self._init_private[PERSONAL_HEAD])
         if self.attention is not None:
             self.attention.load_state_dict(state.get(ATTENTION) or self._init_private[ATTENTION])
-        alpha = (state.get(EXCITATION) if s.excitation and s.excite_on == "features" else None)
-        return PSEModel(local, self.personal_head, snapshot, self.attention, alpha,
-                        needs_global=s.lambda_kd > 0)
+        alpha = (alpha if alpha is not None else state.get(EXCITATION)) if s.excitation else None
+        features = alpha if s.excite_on == "features" else None
+        gates = ({gate_module(layer): alpha[layer.conv] for layer in self.layers
+                  if layer.conv in alpha} if alpha and s.excite_on == "gate" else None)
+        return PSEModel(local, self.personal_head, snapshot, self.attention, features,
+                        needs_global=s.lambda_kd > 0, gate_alpha=gates)
 
     # -- excitation (spec c.3-c.4)
 
@@ -224,7 +249,7 @@ class PSEClient(PartialSharing):
         g_local = channel_gradient_norms(local, convs, stats, s.grad_stat)
         return {n: excitation_weights(
                     normalized_differentiation(g_global[n], g_local[n], s.diff, s.eps),
-                    mode=s.mode, beta=s.beta, rho=s.rho, eps=s.eps).detach()
+                    mode=s.mode, beta=s.beta, rho=s.rho, eps=s.eps, alpha_max=s.alpha_max).detach()
                 for n in convs}
 
     def excite(self, local: FedModel, snapshot: FedModel, alpha: Mapping[str, Tensor]) -> None:
@@ -232,6 +257,23 @@ class PSEClient(PartialSharing):
         with torch.no_grad():
             local.load_state_dict(interpolate_channels(local.state_dict(), snapshot.state_dict(),
                                                        alpha, self.layers))
+
+    @torch.no_grad()
+    def excitation_diagnostic(self, local: FedModel, snapshot: FedModel, state: dict[str, Any],
+                              data: ClientData, alpha: Mapping[str, Tensor] | None = None
+                              ) -> tuple[float, float]:
+        """(fused accuracy h(A(f_l, g_f)), local-head accuracy h_l(f_l)) on the test split, both
+        read from one pass of each backbone (spec c.4b). Logging only: eval mode, no RNG, no
+        parameter or BN statistic changes, the test split never feeds a choice."""
+        model = self.personalized_model(local, snapshot, state, alpha).eval()
+        fused = own = 0
+        for start in range(0, len(data.y_test), 1000):
+            out = model.parts(data.x_test[start:start + 1000])
+            y = data.y_test[start:start + 1000]
+            fused += int((out.logits.argmax(1) == y).sum())
+            own += int((out.local_logits.argmax(1) == y).sum())
+        n = max(len(data.y_test), 1)
+        return fused / n, own / n
 
     # -- the method
 
@@ -247,14 +289,26 @@ class PSEClient(PartialSharing):
         """Excitation, then `local_epochs` on {f_l, h_l, A, h} with the snapshot frozen (c.3-c.5);
         the private parts go back into the state."""
         s: PSESettings = self.settings
+        diagnose = s.excitation and s.log_excitation and LOCAL_MODEL in state  # c.4b: round 2 on
         local = self.load_local(state, snapshot)
         metrics: dict[str, float] = {}
         if s.excitation:
             alpha = self.excitation(local, snapshot, data, info)
+            if diagnose:  # the models as the previous round left them (and its alpha)
+                pre = self.excitation_diagnostic(local, snapshot, state, data)
             state[EXCITATION] = {n: a.cpu() for n, a in alpha.items()}
             if s.excite_on == "weights":
                 self.excite(local, snapshot, alpha)
+            if diagnose:
+                post = self.excitation_diagnostic(local, snapshot, state, data, alpha)
+                diagnostic = {"pre-excitation-accuracy": pre[0], "post-excitation-accuracy": post[0],
+                              "pre-excitation-local-accuracy": pre[1],
+                              "post-excitation-local-accuracy": post[1]}
+                metrics.update(diagnostic)
+                state[DIAGNOSTIC] = {"round": info.server_round, **diagnostic}
             metrics["excitation-mean"] = float(torch.cat(list(alpha.values())).mean())
+            if s.log_excitation:
+                metrics.update({f"alpha-mean-{n}": float(a.mean()) for n, a in alpha.items()})
         model = self.personalized_model(local, snapshot, state)
 
         def objective(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -316,15 +370,18 @@ class PSEClient(PartialSharing):
         snapshot = self.load_snapshot(received)
         local = self.load_local(state, snapshot)
         globals_, chosen = self.eval_globals(snapshot, state)
-        features = s.excitation and s.excite_on == "features"
-        return PSEPredictor(self.personalized_model(local, globals_[chosen], state),
-                            [layer.conv for layer in self.layers] if features else None)
+        model = self.personalized_model(local, globals_[chosen], state)
+        if not s.excitation or s.excite_on == "weights":
+            return PSEPredictor(model)
+        excited = [layer.conv if s.excite_on == "features" else gate_module(layer)
+                   for layer in self.layers]
+        return PSEPredictor(model, excited, s.excite_on)
 
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
                  info: RoundInfo) -> EvalResult:
         """The fused personalized model on the test split, reading the global model that
         `eval_global` names; the received global model alone and the fused model with the other
-        global model beside it."""
+        global model beside it; the pre/post-excitation accuracies of this round's training."""
         own = evaluate_model(self.inference_model(received, state, info.partition_id,
                                                   info.server_round), data.x_test, data.y_test)
         snapshot = self.load_snapshot(received)
@@ -336,4 +393,7 @@ class PSEClient(PartialSharing):
         shared = evaluate_model(snapshot, data.x_test, data.y_test)
         own.metrics = {"global-accuracy": shared.accuracy, "global-loss": shared.loss,
                        **{f"fused-with-{name}-accuracy": r.accuracy for name, r in fused.items()}}
+        diagnostic = state.get(DIAGNOSTIC) or {}
+        if diagnostic.get("round") == info.server_round:
+            own.metrics.update({k: v for k, v in diagnostic.items() if k != "round"})
         return own

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fedkd.clients.pse_excitation import excited_features
+from fedkd.clients.pse_excitation import channel_gates, excited_features
 from fedkd.models import FedModel
 
 class CrossModelAttention(nn.Module):
@@ -54,6 +54,7 @@ class CrossModelAttention(nn.Module):
     def forward(self, z_local: Tensor, z_global: Tensor | None) -> Tensor:
         return self.attend(z_local, z_global)[0]
 
+
 class PSEOutputs(NamedTuple):
     logits: Tensor  # h(A(z_l, z_g)): the personalized prediction
     local_logits: Tensor  # h_l(z_l): the auxiliary head
@@ -65,18 +66,23 @@ class PSEModel(nn.Module):
 
     Trainable parts are submodules (`local`, `head`, `attention` when on); the frozen global model
     is held outside the module tree, so `train()`, `parameters()` and the optimizer never reach it
-    and it always runs in eval mode under no_grad.
+    and it always runs in eval mode under no_grad. Excitation at every forward, when given:
+    `feature_alpha` (conv name -> alpha, excite_on: features) adds alpha_c A^g_c to the local conv
+    outputs; `gate_alpha` (gated module name -> alpha, excite_on: gate) multiplies the local
+    module outputs by (1 + alpha_c).
     """
 
     def __init__(self, local: FedModel, head: nn.Module, global_model: FedModel,
                  attention: CrossModelAttention | None = None,
                  feature_alpha: Mapping[str, Tensor] | None = None,
-                 needs_global: bool = False) -> None:
+                 needs_global: bool = False,
+                 gate_alpha: Mapping[str, Tensor] | None = None) -> None:
         super().__init__()
         self.local, self.head = local, head
         self.attention: CrossModelAttention | None = attention
         self._frozen = (global_model,)  # a tuple: not registered as a submodule
         self.feature_alpha = dict(feature_alpha) if feature_alpha else None
+        self.gate_alpha = dict(gate_alpha) if gate_alpha else None
         self.needs_global = needs_global or attention is not None or self.feature_alpha is not None
 
     @property
@@ -92,7 +98,8 @@ class PSEModel(nn.Module):
             if self.needs_global:
                 with torch.no_grad():
                     z_global = self.global_model.features(x)
-            z_local = self.local.features(x)
+            with channel_gates(self.local, self.gate_alpha or {}):
+                z_local = self.local.features(x)
         fused = z_local if self.attention is None else self.attention(z_local, z_global)
         return PSEOutputs(self.head(fused), self.local.head(z_local), z_global)
 
@@ -102,22 +109,30 @@ class PSEModel(nn.Module):
 
 class PSEPredictor(nn.Module):
     """A PSEModel with everything it reads in its own state_dict: the frozen global model
-    (registered here, as `global_model`) and, with feature-level excitation (`convs` given), the
-    excitation weights as buffers (zeros, i.e. no excitation, for a client that never trained)."""
+    (registered here, as `global_model`) and, with excitation at every forward (`excited`: the
+    module names alpha acts on; `on`: "features" or "gate"), the excitation weights as buffers
+    (zeros, i.e. no excitation, for a client that never trained)."""
 
-    def __init__(self, fused: PSEModel, convs: Sequence[str] | None = None) -> None:
+    def __init__(self, fused: PSEModel, excited: Sequence[str] | None = None,
+                 on: str = "features") -> None:
         super().__init__()
+        if on not in ("features", "gate"):
+            raise ValueError(f"unknown per-forward excitation {on!r}; expected features or gate")
         self.fused = fused
         self.global_model = fused.global_model
-        if convs is not None:
-            given = fused.feature_alpha or {}
+        if excited is not None:
+            given = (fused.feature_alpha if on == "features" else fused.gate_alpha) or {}
             alpha = {}
-            for i, conv in enumerate(convs):
-                channels = fused.local.get_submodule(conv).out_channels
-                a = given[conv].detach().clone() if conv in given else torch.zeros(channels)
+            for i, name in enumerate(excited):
+                module = fused.local.get_submodule(name)
+                channels = getattr(module, "out_channels", None) or module.num_features
+                a = given[name].detach().clone() if name in given else torch.zeros(channels)
                 self.register_buffer(f"excitation_{i}", a)
-                alpha[conv] = getattr(self, f"excitation_{i}")
-            fused.feature_alpha, fused.needs_global = alpha, True
+                alpha[name] = getattr(self, f"excitation_{i}")
+            if on == "features":
+                fused.feature_alpha, fused.needs_global = alpha, True
+            else:
+                fused.gate_alpha = alpha
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fused(x)

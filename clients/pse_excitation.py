@@ -1,14 +1,16 @@
 """PSE's excitation (spec `../shared/specs/pse.md` c.3-c.4, B2-B5): which conv layers are
 "low-level", how strongly CE pulls on each of their output channels in the global and the local
-model, the excitation weights alpha from the two profiles, and the two ways alpha acts on the
-local model (weight interpolation once per round, or feature-level addition at every forward).
+model, the excitation weights alpha from the two profiles, and the three ways alpha acts on the
+local model (weight interpolation once per round, feature-level addition or a multiplicative
+channel gate at every forward).
 
 Pure functions over modules and tensors, no client state: `fedkd.clients.pse` composes them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -117,20 +119,24 @@ def normalized_differentiation(g_global: Tensor, g_local: Tensor, diff: str = "a
 
 
 def excitation_weights(d: Tensor, *, mode: str = "sigmoid", beta: float = 5.0, rho: float = 0.2,
-                       eps: float = 1e-8) -> Tensor:
-    """alpha_{l,c} in [0, 1] from one layer's differentiation D (spec c.3.5).
+                       eps: float = 1e-8, alpha_max: float = 1.0) -> Tensor:
+    """alpha_{l,c} in [0, alpha_max] from one layer's differentiation D (spec c.3.5-c.3.6).
 
-    "sigmoid": sigmoid(beta * (D - mean D) / (std D + eps)), std over channels (population; a
-    constant D gives alpha = 0.5 everywhere, never NaN). "topk": 1 on the round(rho * C) channels
-    with the largest D (at least one), 0 elsewhere.
+    "sigmoid": alpha_max * sigmoid(beta * (D - mean D) / (std D + eps)), std over channels
+    (population; a constant D gives alpha = alpha_max / 2 everywhere, never NaN). "topk":
+    alpha_max on the round(rho * C) channels with the largest D (at least one), 0 elsewhere.
+    `alpha_max` bounds how far a channel moves, because the z-score removes D's scale (v1's mean
+    alpha was ~0.4 whatever the two models' disagreement); 1 is v1 exactly (x * 1.0 is exact).
     """
+    if not 0.0 < alpha_max <= 1.0:
+        raise ValueError(f"alpha_max must lie in (0, 1], got {alpha_max}")
     if mode == "sigmoid":
         z = (d - d.mean()) / (d.std(unbiased=False) + eps)
-        return torch.sigmoid(beta * z)
+        return alpha_max * torch.sigmoid(beta * z)
     if mode == "topk":
         k = min(d.numel(), max(1, round(rho * d.numel())))
         alpha = torch.zeros_like(d)
-        alpha[d.topk(k).indices] = 1.0
+        alpha[d.topk(k).indices] = alpha_max
         return alpha
     raise ValueError(f"unknown excitation mode {mode!r}; expected sigmoid or topk")
 
@@ -191,3 +197,30 @@ def excited_features(local: FedModel, global_model: FedModel, convs: Sequence[st
         for h in handles:
             h.remove()
     return z_local, z_global
+
+
+def gate_module(layer: ConvLayer) -> str:
+    """The module whose output `excite_on: gate` scales: the BatchNorm after the conv when there
+    is one (a gain on the conv output would be normalised away by it), else the conv; either
+    way before the ReLU (spec c.4, v2)."""
+    return layer.norm or layer.conv
+
+
+@contextmanager
+def channel_gates(model: nn.Module, alpha: Mapping[str, Tensor]) -> Iterator[None]:
+    """While active, the output of each module `name` of `model` in `alpha` is multiplied
+    channel-wise by (1 + alpha[name]) (excite_on: gate, spec c.4 v2): the global model only
+    chooses which channels to emphasise, and no local weight moves. alpha 0 is the plain
+    forward exactly (x * 1.0)."""
+    def scale(name: str) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+            gain = 1.0 + alpha[name].to(output)
+            return output * gain.view(1, -1, *([1] * (output.dim() - 2)))
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(scale(n)) for n in alpha]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

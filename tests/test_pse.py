@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fedkd import registry
 from fedkd.clients.base import Arrays, ClientData, RoundInfo, evaluate_model
 from fedkd.clients.fedavg import FedAvgClient, FedAvgSettings
-from fedkd.clients.pse import (ATTENTION, EXCITATION, LOCAL_MODEL, PERSONAL_HEAD,
+from fedkd.clients.pse import (ATTENTION, DIAGNOSTIC, EXCITATION, LOCAL_MODEL, PERSONAL_HEAD,
                                ROUND_START_GLOBAL, PSEClient, PSESettings, check_settings)
 from fedkd.clients.pse_attention import CrossModelAttention, PSEModel
 from fedkd.clients.pse_excitation import (ConvLayer, channel_gradient_norms, excitation_weights,
@@ -31,6 +31,8 @@ from fedkd.models import FedModel, build_model
 from tests.test_clients import config
 
 CPU = torch.device("cpu")
+DIAGNOSTIC_METRICS = ("pre-excitation-accuracy", "post-excitation-accuracy",
+                      "pre-excitation-local-accuracy", "post-excitation-local-accuracy")
 
 
 
@@ -275,7 +277,7 @@ def test_uploads_are_the_plainly_trained_global_copy_and_nothing_private() -> No
         assert result.num_examples == len(data.y_train)
         received = result.arrays
     assert set(state) == {LOCAL_MODEL, ATTENTION, PERSONAL_HEAD, EXCITATION,
-                          ROUND_START_GLOBAL}  # SGD, no momentum
+                          ROUND_START_GLOBAL, DIAGNOSTIC}  # SGD, no momentum
     private = [t for key in (LOCAL_MODEL, ATTENTION, PERSONAL_HEAD) for t in state[key].values()]
     pointers = {t.data_ptr() for t in private}
     assert not any(t.data_ptr() in pointers for t in received.values())
@@ -307,7 +309,8 @@ def test_training_improves_personalized_accuracy_over_three_rounds() -> None:
     after = pse.evaluate(arrays, state, data, RoundInfo(0, 3, 0))
     assert after.accuracy > before.accuracy and after.accuracy >= 0.9
     assert losses[-1] < losses[0]
-    assert set(after.metrics) == {"global-accuracy", "global-loss", "fused-with-round_start-accuracy"}
+    assert set(after.metrics) == {"global-accuracy", "global-loss", "fused-with-round_start-accuracy",
+                                  *DIAGNOSTIC_METRICS}  # round 3's own pre/post-excitation figures
     assert set(before.metrics) == {"global-accuracy", "global-loss"}  # never trained: no round start
 
 
