@@ -137,6 +137,17 @@ def second_model(spec: dict | None, evals: dict[int, dict[Any, dict]]) -> dict |
     return {**spec, "accuracy": per_round[-1]["accuracy"], "accuracy_last3": last_three(per_round)}
 
 
+def per_factor(partition: dict, evals: Sequence[dict]) -> dict[str, dict]:
+    """The headline per resolution factor (`data.transform`, recorded in partition.json)."""
+    factors = {c.get("partition_id"): c["resolution_factor"] for c in partition.get("clients", [])
+               if "resolution_factor" in c}
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in evals:
+        if r.get("partition_id") in factors:
+            groups[f"x{factors[r['partition_id']]}"].append(r)
+    return {f: round_stats(rs) for f, rs in sorted(groups.items(), key=lambda kv: int(kv[0][1:]))}
+
+
 def summarize(run_dir: Path) -> dict:
     """The content of summary.json (see module docstring for the headline protocol)."""
     run_dir = Path(run_dir)
@@ -178,6 +189,7 @@ def summarize(run_dir: Path) -> dict:
         "best_round": best.get("round"), "best_accuracy": best.get("accuracy"),
         "central_accuracy": central[-1]["accuracy"] if central else None,
         "per_model": ({m: round_stats(rs) for m, rs in sorted(by_model.items())} if len(by_model) > 1 else {}),
+        "per_factor": per_factor(partition, last_evals),
         "extra_metrics": {k: round_stats([{**r, "accuracy": r[k]} for r in last_evals
                                           if r.get(k) is not None])["accuracy"] for k in extra},
         "bytes_sent_per_client_round": (statistics.fmean(r.get("bytes_sent") or 0 for r in trained)

@@ -27,12 +27,23 @@ def prepare_run_dir(cfg: FedkdConfig, run_dir: str | Path | None = None) -> Path
     appears whole under a unique name (`fedkd.rundir`): a bad input leaves nothing behind."""
     data = load_federated(cfg.data, cfg.experiment.seed)
     partition = {"dataset": data.dataset, "num_classes": data.num_classes,
-                 "clients": [{"partition_id": i, **h} for i, h in enumerate(data.label_histograms())]}
+                 "clients": [{"partition_id": i, **h, **client_transform(cfg, i)}
+                             for i, h in enumerate(data.label_histograms())]}
     if run_dir is not None:
         check_unused(Path(run_dir))
     files = {"config.yaml": to_yaml(cfg), "partition.json": json.dumps(partition),
              RUN_INFO: json.dumps(run_info(cfg, "running", None), indent=2)}
     return create_run_dir(cfg, files, Path(run_dir) if run_dir is not None else None)
+
+
+def client_transform(cfg: FedkdConfig, pid: int) -> dict:
+    """What `data.transform` did to client `pid`'s data, for partition.json (per-factor tables)."""
+    from fedkd.transforms import resolution_factor
+
+    t = cfg.data.transform
+    if not t.resolution_factors:
+        return {}
+    return {"resolution_factor": resolution_factor(pid, t.resolution_factors, t.resolution_assign)}
 
 
 def cluster_cpus(cfg: FedkdConfig) -> float:

@@ -196,6 +196,13 @@ def sweep_table(rows: list[dict], against: Sequence[str] = ()) -> str:
         blocks += [("p", f"{HEADLINE} per client architecture (mean ± std over seeds):"),
                    ("table", ["architecture", *hetero],
                     keyed_rows(hetero, archs, lambda g, m: ((g.get("per_model") or {}).get(m) or {}).get("accuracy")))]
+    shifted = {label: grp for label, grp in groups.items() if any(g.get("per_factor") for g in grp)}
+    if shifted:  # resolution-shift runs: the headline per resolution factor
+        factors = sorted({f for grp in shifted.values() for g in grp for f in g.get("per_factor") or {}},
+                         key=lambda f: int(f[1:]))
+        blocks += [("p", f"{HEADLINE} per resolution factor (images down-sampled by F, mean ± std over seeds):"),
+                   ("table", ["factor", *shifted],
+                    keyed_rows(shifted, factors, lambda g, f: ((g.get("per_factor") or {}).get(f) or {}).get("accuracy")))]
     blocks.append(("p", "Values are mean ± sample std (ddof=1) over seeds."))
     if against:
         blocks += paired_blocks(rows, against)

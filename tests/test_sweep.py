@@ -125,3 +125,29 @@ def test_result_rows_collect_every_label_under_out(tmp_path: Path) -> None:
         (tmp_path / label / f"seed{seed}.json").write_text(json.dumps({"seed": seed, "accuracy": 0.5}))
     assert [(r["run"], r["seed"]) for r in result_rows(tmp_path, ["b"])] == [
         ("b", 0), ("a", 0), ("a", 1), ("a", 10)]
+
+
+def test_headline_per_resolution_factor(tmp_path: Path) -> None:
+    """partition.json records each client's factor (data.transform); summary and sweep table
+    break the headline down by it."""
+    run = make_run(tmp_path / "run")
+    part = json.loads((run / "partition.json").read_text())
+    for c, f in zip(part["clients"], (1, 2, 1)):
+        c["resolution_factor"] = f
+    (run / "partition.json").write_text(json.dumps(part))
+    s = summarize(run)
+    assert list(s["per_factor"]) == ["x1", "x2"]
+    assert s["per_factor"]["x1"]["accuracy"] == pytest.approx((0.9 * 10 + 0.8 * 60) / 70)
+    assert s["per_factor"]["x2"]["accuracy"] == pytest.approx(0.5)
+    md = sweep_table([{"run": "r", **s}])
+    assert "per resolution factor" in md and "| x2 | 0.5000 |" in md
+
+
+def test_partition_records_the_client_resolution_factor() -> None:
+    from fedkd.config import load_config
+    from fedkd.simulation import client_transform
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "experiment"
+    cfg = load_config(root / "resolution-shift.yaml")
+    assert [client_transform(cfg, k)["resolution_factor"] for k in range(8)] == [1, 2, 4, 8, 2, 4, 8, 1]
+    assert client_transform(load_config(root / "quickstart.yaml"), 0) == {}
