@@ -19,13 +19,15 @@ import torch
 from torch import Tensor, nn
 
 from fedkd.clients.base import (Arrays, ClientData, EvalResult, ExpectedArrays, PersonalModelOnly,
-                                RoundInfo, evaluate_model, train_epochs)
+                                RoundInfo, TrainResult, evaluate_model, train_epochs)
 from fedkd.config import setting
 from fedkd.kd import class_means, feature_distance, gather_class_rows, kd_loss, soft_cross_entropy
 from fedkd.models import FedModel
-from fedkd.strategies.class_means import COUNT, MEAN, decode_class_table, encode_class_table
+from fedkd.strategies.class_means import (CLIENT_ID, COUNT, MEAN, decode_class_table,
+                                          encode_class_table, leave_own_out, sums_round)
 
 TABLE = "class-table"  # state key: the table recorded in the client's last training pass
+UPLOADS = "uploads"  # state key (exclude_self): round -> the class table sent in that round
 
 
 class ClassTableSharing(PersonalModelOnly):
@@ -48,9 +50,15 @@ class ClassTableSharing(PersonalModelOnly):
              table: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         """(objective, logits, vectors to record per class) of one batch."""
 
+    def teacher(self, received: Arrays, state: dict[str, Any],
+                info: RoundInfo) -> tuple[Tensor, Tensor] | None:
+        """The table this client regularizes toward: the server's (FedDistill's exclude_self
+        overrides it)."""
+        return self.global_table(received)
+
     def local_update(self, model: FedModel, received: Arrays, state: dict[str, Any],
                      data: ClientData, info: RoundInfo) -> dict[str, float]:
-        table = self.global_table(received)
+        table = self.teacher(received, state, info)
         sums: list[Tensor] = []
         counts = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
 
@@ -97,6 +105,7 @@ class FedDistillSettings:
     temperature: float = setting(1.0, gt=0.0)  # only for target=kl
     missing_class: str = setting("self", choices=("self", "skip"))  # PFLlib: the sample's own logits
     weighting: str = setting("uniform", choices=("uniform", "count"))  # server, per class
+    exclude_self: bool = False  # (v2) the paper's leave-own-out teacher (spec 4.3); PFLlib: false
 
 
 class FedDistillClient(ClassTableSharing):
@@ -107,7 +116,54 @@ class FedDistillClient(ClassTableSharing):
     "probabilities" (`raw`, kept for the record): that loss is unbounded below whenever g_y
     has a negative entry and diverged to NaN within 3 rounds in our check. `kl` is the
     textbook T^2 KL to softmax(g_y / T) (same gradient as `pfllib` at T = 1).
+
+    `exclude_self` (local-kd.md 4.3): client k's teacher for class c leaves k's own upload out
+    (the other contributors' mean, weighted as `weighting` says). The upload then carries the
+    partition id, the server broadcasts per-class sums and weights with the contributors' ids
+    and round (`fedkd.strategies.class_means`), and the client keeps its uploads (C x C each)
+    until a broadcast from a later round arrives, so it subtracts exactly the table that
+    entered the sum. A class only k reported has no teacher for k (`missing_class` applies);
+    a client that did not report c gets the plain mean over those who did.
     """
+
+    def expected_arrays(self, info: RoundInfo) -> ExpectedArrays:
+        """The class table, plus the partition id with exclude_self."""
+        table = super().expected_arrays(info)
+        if not self.settings.exclude_self:
+            return table
+        return ExpectedArrays({**table.arrays, CLIENT_ID: ((1,), torch.int64)}, table.optional)
+
+    def teacher(self, received: Arrays, state: dict[str, Any],
+                info: RoundInfo) -> tuple[Tensor, Tensor] | None:
+        """With exclude_self: the leave-own-out table of the broadcast's round (uploads older
+        than it are dropped from the state; a later broadcast never needs them)."""
+        if not self.settings.exclude_self:
+            return super().teacher(received, state, info)
+        tagged = sums_round(received)
+        if tagged is None:
+            return None  # round 1: nothing aggregated yet
+        server_round, contributors = tagged
+        uploads = {r: t for r, t in state.get(UPLOADS, {}).items() if int(r) >= server_round}
+        state[UPLOADS] = uploads
+        own = None
+        if info.partition_id in contributors:
+            own = uploads.get(str(server_round))
+            if own is None:
+                raise ValueError(f"client {info.partition_id} is among the contributors of round "
+                                 f"{server_round} but holds no upload of that round in its state")
+        table = leave_own_out(received, self.num_classes, own, self.settings.weighting)
+        return None if table is None else (table[0].to(self.device), table[1].to(self.device))
+
+    def train(self, received: Arrays, state: dict[str, Any], data: ClientData,
+              info: RoundInfo) -> TrainResult:
+        """PersonalModelOnly's round; with exclude_self the upload carries the partition id and a
+        copy of it stays in the state under its round."""
+        result = super().train(received, state, data, info)
+        if self.settings.exclude_self:
+            state.setdefault(UPLOADS, {})[str(info.server_round)] = {
+                k: v.detach().clone() for k, v in result.arrays.items()}
+            result.arrays[CLIENT_ID] = torch.tensor([info.partition_id], dtype=torch.int64)
+        return result
 
     def step(self, model: FedModel, x: Tensor, y: Tensor,
              table: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:

@@ -45,6 +45,7 @@ __all__ = [
     "uncertainty_weighting",
     "Reduction",
     "aggregate_class_means",
+    "class_sums",
     "class_means",
     "embed_cosine_loss",
     "fedkd_losses",
@@ -263,6 +264,19 @@ def aggregate_class_means(
     (FedProto paper equation; also merges batches into an exact overall mean). Classes nobody
     has stay absent (count 0, zero row). Returned counts are total samples per class either way.
     """
+    summed, total = class_sums(means, counts, weighting)
+    return summed / total.clamp(min=1e-12).unsqueeze(-1), torch.stack(list(counts)).sum(dim=0)
+
+
+def class_sums(
+    means: Sequence[Tensor],
+    counts: Sequence[Tensor],
+    weighting: Literal["uniform", "count"] = "uniform",
+) -> tuple[Tensor, Tensor]:
+    """The numerator and denominator of `aggregate_class_means`: per class, sum_k w_k means_k (C, D)
+    and sum_k w_k (C,), with w_k = 1 ("uniform") or the count ("count") for contributors that have
+    the class, else 0. Kept apart so one contributor can be subtracted exactly (FedDistill's
+    leave-own-out teacher, `fedkd.strategies.class_means.leave_own_out`)."""
     if not means or len(means) != len(counts):
         raise ValueError("need one counts tensor per means tensor, and at least one of each")
     n = torch.stack(list(counts))  # (K, C)
@@ -274,9 +288,7 @@ def aggregate_class_means(
         w = n.to(stacked.dtype)
     else:
         raise ValueError(f"unknown weighting {weighting!r}; expected uniform or count")
-    total = w.sum(dim=0)  # (C,)
-    summed = (stacked * w.unsqueeze(-1)).sum(dim=0)
-    return summed / total.clamp(min=1e-12).unsqueeze(-1), n.sum(dim=0)
+    return (stacked * w.unsqueeze(-1)).sum(dim=0), w.sum(dim=0)
 
 
 class FedKDLosses(NamedTuple):

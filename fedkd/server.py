@@ -11,6 +11,7 @@ from fedkd import registry
 from fedkd.clients.base import Arrays, ClientAlgorithm, evaluate_model
 from fedkd.config import FedkdConfig, to_yaml
 from fedkd.data import FederatedData, load_federated
+from fedkd.population import train_sizes
 from fedkd.recorder import Recorder
 from fedkd.strategies.class_means import ClassMeans
 from fedkd.strategies.flower import EVERY_NODE, build_flower_strategy
@@ -32,7 +33,7 @@ def client_plan(cfg: FedkdConfig, data: FederatedData) -> ClientPlan:
                       rounds=cfg.train.rounds, train_fraction=cfg.train.fraction_clients,
                       eval_fraction=cfg.evaluation.fraction_clients,
                       eval_every=cfg.evaluation.every,
-                      work=tuple(len(c.y_train) for c in data.clients))
+                      work=tuple(train_sizes(data.clients)))  # no client built (fedkd.population)
 
 
 def central_evaluator(cfg: FedkdConfig, data: FederatedData, algorithm: ClientAlgorithm,
@@ -58,7 +59,9 @@ def build_strategy(cfg: FedkdConfig, recorder: Recorder
     data = load_federated(cfg.data, cfg.experiment.seed)
     algorithm = server_algorithm(cfg, data)
     if algorithm.aggregation == "class-means":  # per-class tables: one reply per client
-        inner, mean_based = ClassMeans(weighting=algorithm.settings.weighting, **EVERY_NODE), False
+        inner, mean_based = ClassMeans(weighting=algorithm.settings.weighting,
+                                       exclude_self=getattr(algorithm.settings, "exclude_self", False),
+                                       **EVERY_NODE), False
     else:
         inner, spec = build_flower_strategy(cfg.strategy)
         mean_based = spec.mean_based
