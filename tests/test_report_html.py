@@ -14,7 +14,8 @@ from rich.markdown import Markdown
 
 from fedkd.config import load_config
 from fedkd.render import human_bytes
-from fedkd.report import MANY_CLIENTS, SHOWN, client_table, error_line, write_outputs
+from fedkd.report import client_table, error_line, write_outputs
+from fedkd.report_page import MANY_CLIENTS, SHOWN
 from report_runs import synthetic_run
 
 
