@@ -41,15 +41,15 @@ def synthetic_run(path: Path, clients: int, rounds: int = 3, seed: int = 0, fail
                 continue
             lines.append({"round": rnd, "phase": "train", "partition_id": pid, "status": "ok",
                           "num_examples": int(train[pid].sum()), "loss": 0.5, "accuracy": None,
-                          "seconds": float(rng.uniform(0.2, 2.0)), "bytes_received": 23_281_040,
-                          "bytes_sent": 23_281_040, "worker_pid": 1, "error": None})
+                          "seconds": float(rng.uniform(0.2, 2.0)), "bytes_received": 2_328_104,
+                          "bytes_sent": 2_328_104, "worker_pid": 1, "error": None})
         for pid in range(clients):
             acc = float(np.clip(skill[pid] * (0.8 + 0.2 * rnd / rounds) + rng.normal(0, 0.01), 0, 1))
             lines.append({"round": rnd, "phase": "evaluate", "partition_id": pid, "status": "ok",
                           "num_examples": int(test[pid].sum()), "loss": 1 - acc, "accuracy": acc,
-                          "seconds": 0.05, "bytes_received": 23_281_040, "bytes_sent": 0,
+                          "seconds": 0.05, "bytes_received": 2_328_104, "bytes_sent": 0,
                           "worker_pid": 1, "error": None})
-        lines.append({"round": rnd, "phase": "central", "loss": 0.4, "accuracy": 0.7 + 0.05 * rnd,
+        lines.append({"round": rnd, "phase": "central", "loss": 0.4, "accuracy": 0.6 + 0.3 * rnd / rounds,
                       "num_examples": 1000})
         lines.append({"round": rnd, "phase": "round", "seconds": 2.0})
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
