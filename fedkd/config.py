@@ -237,6 +237,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment trackers besides metrics.jsonl (`fedkd.sinks`): `tensorboard` writes round
+    aggregates and per-client scalars as event files under RUN_DIR/tensorboard."""
+
+    tensorboard: bool = False
+
+
+@dataclass
 class FedkdConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -250,6 +258,7 @@ class FedkdConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _check_finite(key: str, value: Any) -> None:

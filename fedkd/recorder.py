@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    from fedkd.sinks import Sink
 
 _STANDARD = {"num-examples", "loss", "accuracy", "seconds", "bytes-received", "bytes-sent",
              "worker-pid"}
@@ -27,11 +31,17 @@ def finite_json(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class Recorder:
-    """Appends one JSON line per client x round x phase to `metrics.jsonl`."""
+    """Appends one JSON line per client x round x phase to `metrics.jsonl`, and hands each record
+    to the run's sinks (`fedkd.sinks`: TensorBoard when `logging.tensorboard` is on)."""
 
-    def __init__(self, run_dir: str | Path, listener: Listener | None = None) -> None:
+    def __init__(self, run_dir: str | Path, listener: Listener | None = None,
+                 sinks: Sequence[Sink] | None = None) -> None:
+        from fedkd.sinks import sinks_for_run
+
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # None: what the run's config.yaml asks for (read before this run appends to the file)
+        self.sinks = list(sinks_for_run(self.path.parent) if sinks is None else sinks)
         self._file = self.path.open("a", encoding="utf-8")
         self.listener = listener
         self.failures: list[dict[str, Any]] = []
@@ -39,8 +49,15 @@ class Recorder:
         self._done: dict[tuple[str, int], int] = {}
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
+        record = finite_json(record)
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+        for sink in list(self.sinks):
+            try:
+                sink.record(record)
+            except Exception as exc:  # a tracker must not stop the run; metrics.jsonl has it all
+                self.sinks.remove(sink)
+                print(f"warning: {type(sink).__name__} stopped: {exc}", file=sys.stderr)
 
     def position(self) -> int:
         """Bytes written so far: where a resumed run cuts metrics.jsonl back to."""
@@ -114,3 +131,6 @@ class Recorder:
 
     def close(self) -> None:
         self._file.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
