@@ -8,6 +8,8 @@ directory). `build_server_app` closes over one run; the module-level
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import time
 from pathlib import Path
@@ -18,13 +20,17 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
 from fedkd.checkpoint import Checkpoint, restore_server
-from fedkd.config import FedkdConfig, load_config
+from fedkd.config import ConfigError, FedkdConfig, load_config
 from fedkd.recorder import Recorder
-from fedkd.runtime import runtime_for
+from fedkd.runtime import release_memory, runtime_for
 from fedkd.server import build_strategy
+from fedkd.state import release_location, state_location
 from fedkd.strategies.resumable import Resumable
 from fedkd.wire import (CONFIG_KEY, MODE_KEY, PIDS_KEY, STATE_DIR_KEY, GroupReply,
                         arrays_to_tensors)
+
+# Ray's FutureWarning about accelerator env vars on every `flwr run` (fedkd runs set it too)
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 client_app = ClientApp()
 
@@ -40,7 +46,9 @@ def _serve_group(msg: Message, phase: str) -> Message:
     reply = GroupReply(str(config[MODE_KEY]))
     for pid in config[PIDS_KEY]:
         reply.add(runtime.run(phase, int(pid), received, server_round, server_config))
-    return Message(content=reply.build(), reply_to=msg)
+    content = reply.build()
+    release_memory()  # the group's freed buffers go back to the system (fedkd.runtime)
+    return Message(content=content, reply_to=msg)
 
 
 @client_app.train()
@@ -63,7 +71,9 @@ def run_server(grid: Grid, cfg: FedkdConfig, run_dir: Path, recorder: Recorder,
     if resume is not None:
         restore_server(resume, strategy.strategies())
         initial = resume.arrays
-    run_config = ConfigRecord({STATE_DIR_KEY: str(run_dir / "state")})
+    # the state directory, or on a multi-node cluster a state server on this node (fedkd.state)
+    location = state_location(run_dir / "state")
+    run_config = ConfigRecord({STATE_DIR_KEY: location})
     try:
         return strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
                               num_rounds=cfg.train.rounds - done, timeout=cfg.simulation.timeout,
@@ -71,6 +81,7 @@ def run_server(grid: Grid, cfg: FedkdConfig, run_dir: Path, recorder: Recorder,
                               evaluate_fn=strategy.evaluation_hook(evaluate_fn))
     finally:
         grouped.finish_round()
+        release_location(location)
 
 
 def build_server_app(cfg: FedkdConfig, run_dir: Path, recorder: Recorder,
@@ -88,16 +99,73 @@ def build_server_app(cfg: FedkdConfig, run_dir: Path, recorder: Recorder,
 
 server_app = ServerApp()
 
+#: `flwr run .` run-config keys (`[tool.flwr.app.config]` in pyproject.toml) -> fedkd config keys.
+#: A key left at its "unset" value (0, -1 for the seed, "") keeps the experiment's own value;
+#: `overrides` ("key=value ...") reaches every other key and is applied last.
+FLWR_RUN_KEYS: dict[str, tuple[str, object]] = {
+    "num-server-rounds": ("train.rounds", 0),
+    "fraction-train": ("train.fraction_clients", 0.0),
+    "fraction-evaluate": ("evaluation.fraction_clients", 0.0),
+    "local-epochs": ("train.local_epochs", 0),
+    "batch-size": ("train.batch_size", 0),
+    "learning-rate": ("train.lr", 0.0),
+    "num-clients": ("data.num_clients", 0),
+    "seed": ("experiment.seed", -1),
+    "method": ("method.name", ""),
+    "strategy": ("strategy.name", ""),
+    "dataset": ("data.dataset", ""),
+    "model": ("model.name", ""),
+    "num-nodes": ("simulation.num_nodes", 0),
+}
+
+
+def flwr_run_overrides(run_config: dict) -> tuple[str, list[str]]:
+    """(config, overrides) from `flwr run`'s run config: the experiment (a bundled name or a YAML
+    path), the flat keys that are set, then the `overrides` string."""
+    overrides = []
+    for key, (target, unset) in FLWR_RUN_KEYS.items():
+        value = run_config.get(key, unset)
+        if value != unset:
+            overrides.append(f"{target}={value}")
+    extra = str(run_config.get("overrides", "") or "")
+    try:
+        overrides += shlex.split(extra)
+    except ValueError as exc:
+        from fedkd.config import ConfigError
+
+        raise ConfigError("overrides", extra, f"not a list of key=value ({exc})") from None
+    return str(run_config.get("config", "quickstart")), overrides
+
+
+class AppConfigError(Exception):
+    """`flwr run .` with a bad config: one line (Flower adds its traceback after it)."""
+
 
 @server_app.main()
 def _flwr_run_main(grid: Grid, context: Context) -> None:
-    """`flwr run .`: config path and overrides come from `[tool.flwr.app.config]`."""
-    from fedkd.simulation import finish_run, prepare_run_dir, write_run_info
+    """`flwr run .`: the experiment and its overrides come from the run config (FLWR_RUN_KEYS)."""
+    import logging
 
-    cfg = load_config(str(context.run_config["config"]),
-                      shlex.split(str(context.run_config.get("overrides", ""))))
+    from flwr.common.logger import log
+
+    from fedkd.data import DataError
+    from fedkd.simulation import finish_run, num_nodes, prepare_run_dir, write_run_info
+
+    try:
+        config, overrides = flwr_run_overrides(dict(context.run_config))
+        cfg = load_config(config, overrides)
+        run_dir = prepare_run_dir(cfg)
+    except (ConfigError, DataError) as exc:
+        log(logging.ERROR, "error: %s", exc)  # the one line; Flower then fails the run
+        raise AppConfigError(str(exc)) from None
+    # the nodes are ours, as in `fedkd run`: one per Ray actor (or simulation.num_nodes), however
+    # many SuperNodes the federation simulates (the others stay idle)
+    nodes = num_nodes(cfg)
+    all_nodes = grid.get_node_ids
+    grid.get_node_ids = lambda: sorted(all_nodes())[:nodes]  # type: ignore[method-assign]
+    log(logging.INFO, "fedkd: %s, %d rounds, %d clients on %d node(s); run directory %s",
+        cfg.experiment.name, cfg.train.rounds, cfg.data.num_clients, nodes, run_dir)
     started, status = time.perf_counter(), "failed"
-    run_dir = prepare_run_dir(cfg)
     write_run_info(run_dir, cfg, "running", None)
     recorder = Recorder(run_dir)
     try:
@@ -105,3 +173,6 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
         status = "complete"
     finally:
         finish_run(run_dir, cfg, recorder, status, started)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    log(logging.INFO, "fedkd: run %s, last-round accuracy (example-weighted) %s; report %s",
+        summary.get("status", status), summary.get("accuracy"), run_dir / "report.md")
