@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedkd-installed
 export FEDKD_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install quickstart test test-fast bench-overhead bench-protocol bench-protocol-v2 bench-centralized
+.PHONY: install quickstart test test-fast bench-overhead bench-scale bench-protocol bench-protocol-v2 bench-centralized
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ test-fast: $(STAMP)
 
 bench-overhead: $(STAMP)
 	$(PY) bench/overhead.py
+
+# Populations 1,000-100,000 x cohorts 100/1,000 (set-up, s/round, report, peak PSS); QUICK=1: ~20 min
+bench-scale: $(STAMP)
+	$(PY) bench/scale.py $(if $(QUICK),--quick,)
 
 # Benchmark protocol tables for every method (resumable: existing seed*.json are skipped).
 bench-protocol: $(STAMP)

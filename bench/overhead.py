@@ -222,8 +222,25 @@ def _tagged(pid: int, tag: str) -> bool | None:
     return (env.get(TAG_ENV) == tag) if env else None
 
 
-def _sample(root: int, before: set[int], seen: dict[int, bool | None], tag: str) -> tuple[int, int, int]:
-    """(PSS sum, RSS sum, processes) of the child's tree plus new processes carrying its tag."""
+def _kind(proc: Any, root: int) -> str:
+    """driver, actor, raylet, gcs, or ray-aux (dashboard, agents, monitors, other workers)."""
+    if proc.pid == root:
+        return "driver"
+    try:
+        name, cmd = proc.name(), " ".join(proc.cmdline())
+    except Exception:  # noqa: BLE001 -- gone meanwhile
+        return "ray-aux"
+    if "ClientAppActor" in name or "ClientAppActor" in cmd:
+        return "actor"
+    if name in ("raylet", "gcs_server"):
+        return "raylet" if name == "raylet" else "gcs"
+    return "ray-aux"
+
+
+def _sample(root: int, before: set[int], seen: dict[int, bool | None], tag: str,
+            per_pid: dict[int, tuple[str, int]] | None = None) -> tuple[int, int, int]:
+    """(PSS sum, RSS sum, processes) of the child's tree plus new processes carrying its tag;
+    `per_pid` collects each process's (kind, peak PSS)."""
     import psutil
 
     pids = {root}
@@ -236,8 +253,13 @@ def _sample(root: int, before: set[int], seen: dict[int, bool | None], tag: str)
     pss = rss = count = 0
     for pid in pids:
         with contextlib.suppress(psutil.Error):
-            mem = psutil.Process(pid).memory_full_info()
+            proc = psutil.Process(pid)
+            mem = proc.memory_full_info()
             pss, rss, count = pss + mem.pss, rss + mem.rss, count + 1
+            if per_pid is not None:
+                known = per_pid.get(pid, ("ray-aux", 0))[0]  # an idle worker becomes an actor
+                kind = known if known != "ray-aux" else _kind(proc, root)
+                per_pid[pid] = (kind, max(mem.pss, per_pid.get(pid, (kind, 0))[1]))
     return pss, rss, count
 
 
@@ -253,11 +275,12 @@ def measure(way: str, n: int, rounds: int, seed: int) -> dict[str, Any]:
            "--seed", str(seed)]
     before, seen = set(psutil.pids()), {}  # seen: new pid -> carries our tag (None: ask again)
     peak_pss = peak_rss = procs = 0
+    per_pid: dict[int, tuple[str, int]] = {}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
         while proc.poll() is None:
-            pss, rss, count = _sample(proc.pid, before, seen, tag)
+            pss, rss, count = _sample(proc.pid, before, seen, tag, per_pid)
             peak_pss, peak_rss, procs = max(peak_pss, pss), max(peak_rss, rss), max(procs, count)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=0.5)  # returns at exit, so the wall time is not rounded to 0.5 s
@@ -279,8 +302,16 @@ def measure(way: str, n: int, rounds: int, seed: int) -> dict[str, Any]:
             "wall_total_s": wall, "round1_s": times[0] if times else None,
             "s_per_round": statistics.median(times[1:]) if len(times) > 1 else None,
             "round_seconds": times, "peak_pss_mib": peak_pss / MIB, "peak_rss_mib": peak_rss / MIB,
-            "max_processes": procs, **res, "cpus": os.cpu_count(),
+            "max_processes": procs, "peak_pss_by_process_mib": _by_kind(per_pid), **res, "cpus": os.cpu_count(),
             "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _by_kind(per_pid: dict[int, tuple[str, int]]) -> dict[str, list[float]]:
+    """kind -> each of its processes' peak PSS (MiB, largest first)."""
+    out: dict[str, list[float]] = {}
+    for kind, peak in per_pid.values():
+        out.setdefault(kind, []).append(round(peak / MIB, 1))
+    return {k: sorted(v, reverse=True) for k, v in sorted(out.items())}
 
 
 def _f(x: Any, digits: int = 2) -> str:

@@ -47,6 +47,8 @@ class FederatedData:
     def label_histograms(self) -> list[dict[str, list[int]]]:
         """Per client label counts, for logging how non-IID a split is."""
         k = self.num_classes
+        if hasattr(self.clients, "label_histograms"):  # index arrays (fedkd.population)
+            return self.clients.label_histograms(k)
         return [{"train": np.bincount(c.y_train, minlength=k).tolist(),
                  "test": np.bincount(c.y_test, minlength=k).tolist()} for c in self.clients]
 
@@ -231,18 +233,19 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     p, t = cfg.partitioner, cfg.transform
     key = (cfg.dataset, str(data_dir(cfg).resolve()), cfg.num_clients, p.name, float(p.alpha),
            p.classes_per_client, p.shards_per_client, p.min_partition_size, p.train_per_class,
-           p.test_per_client, float(cfg.test_fraction), cfg.hf_image_key, cfg.hf_label_key,
+           p.test_per_client, p.samples_per_client, float(cfg.test_fraction), cfg.hf_image_key, cfg.hf_label_key,
            tuple(int(f) for f in t.resolution_factors), t.resolution_assign, int(seed))
     return _load_cached(key)
 
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(key: tuple[Any, ...]) -> FederatedData:
-    name, root_s, n, pname, alpha, cpc, spc, mps, tpc, tpcl, tf, img_key, lbl_key, factors, assign, seed = key
+    name, root_s, n, pname, alpha, cpc, spc, mps, tpc, tpcl, spcl, tf, img_key, lbl_key, factors, assign, seed = key
     cfg = DataConfig(dataset=name, data_dir=root_s, num_clients=n, test_fraction=tf,
                      partitioner=PartitionerConfig(name=pname, alpha=alpha, classes_per_client=cpc,
                                                    shards_per_client=spc, min_partition_size=mps,
-                                                   train_per_class=tpc, test_per_client=tpcl),
+                                                   train_per_class=tpc, test_per_client=tpcl,
+                                                   samples_per_client=spcl),
                      hf_image_key=img_key, hf_label_key=lbl_key,
                      transform=TransformConfig(resolution_factors=list(factors), resolution_assign=assign))
     data = _load(cfg, seed)
@@ -295,6 +298,10 @@ def _partitioned(cfg: DataConfig, x: np.ndarray, y: np.ndarray, seed: int, globa
     """Pooled samples -> the configured partitioner's clients, each split into train and test
     (`scarce` draws both parts itself)."""
     p = cfg.partitioner
+    if p.name in ("iid", "sample"):  # index arrays, each client built when it trains
+        from fedkd.population import indexed
+
+        return indexed(cfg, x, y, seed, global_test)
     if p.name == "scarce":
         draws = scarce_draw(y, cfg.num_clients, p.classes_per_client, p.train_per_class, p.test_per_client, seed)
         return _federated(cfg.dataset, [ClientSplit(x[tr], y[tr], x[te], y[te]) for tr, te in draws], global_test)

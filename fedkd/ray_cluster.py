@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -93,6 +94,51 @@ def warm_ray(enabled: bool = True, num_cpus: int | None = None) -> Iterator[str 
     finally:
         _stop(temp_dir)  # the watchdog too: its command line names temp_dir
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _node_ports() -> list[str]:
+    """Ports that two nodes on one machine must not share (Ray's defaults are fixed numbers)."""
+    return ["--min-worker-port=0", "--max-worker-port=0",
+            f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}"]
+
+
+@dataclass
+class LocalCluster:
+    address: str  # the head's, for `simulation.ray_address`
+    temp_dirs: list[str]  # one per node, the head's first
+
+
+@contextmanager
+def local_cluster(cpus_per_node: list[int], env: dict[str, str] | None = None) -> Iterator[LocalCluster]:
+    """A Ray cluster of several nodes on this machine (a head, then one worker node per further
+    entry), each with its own temp dir; yields the head's address and stops exactly these nodes.
+
+    For tests and benchmarks of multi-node runs: the nodes share nothing but the head's address
+    (fedkd's client state never touches a worker node's disk, see `fedkd.state`). `env` is added
+    to the environment the nodes (and so their workers) start with."""
+    temp_dirs = [tempfile.mkdtemp(prefix=f"fedkd-ray{i}-") for i in range(len(cpus_per_node))]
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    node_env = {**os.environ, **(env or {})}
+    node_env.pop("RAY_ADDRESS", None)
+    for temp_dir in temp_dirs:  # each node's processes are ended if this process dies unwinding
+        subprocess.Popen([sys.executable, "-m", WATCHDOG, str(os.getpid()), temp_dir],
+                         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for i, (cpus, temp_dir) in enumerate(zip(cpus_per_node, temp_dirs)):
+            where = (["--head", f"--port={port}", f"--ray-client-server-port={_free_port()}",
+                      "--include-dashboard=false"] if i == 0 else [f"--address={address}"])
+            cmd = [_ray_cli(), "start", *where, "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+                   f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats", *_node_ports()]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=node_env)
+            if done.returncode != 0:
+                raise RuntimeError(f"ray start (node {i}) failed: {done.stderr.strip()[-2000:]}")
+        yield LocalCluster(address, temp_dirs)
+    finally:
+        for temp_dir in reversed(temp_dirs):  # worker nodes first, the head last
+            _stop(temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _running(pid: int) -> bool:

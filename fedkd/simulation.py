@@ -59,6 +59,8 @@ def cluster_cpus(cfg: FedkdConfig) -> float:
 
 def num_nodes(cfg: FedkdConfig) -> int:
     """Flower nodes: one per Ray actor (a fixed number of messages per round) unless set."""
+    if cfg.simulation.ray_address:
+        cluster_cpus(cfg)  # joins now: where client state lives depends on the cluster's nodes
     if cfg.simulation.num_nodes:
         return min(cfg.simulation.num_nodes, cfg.data.num_clients)
     actors = max(1, math.floor(cluster_cpus(cfg) / cfg.simulation.client_cpus))
@@ -205,6 +207,9 @@ def simulate(cfg: FedkdConfig, run_dir: Path, recorder: Recorder, progress: RunP
     from fedkd.apps import build_server_app, client_app
     from fedkd.engine import run_engine
 
+    from fedkd.runtime import tame_malloc
+
+    tame_malloc()  # before Ray starts: its workers inherit the allocator settings
     replace_dead_actors()  # a worker that dies (OOM killer) fails its round's group, not later ones
     results: dict = {}
     with progress, quiet_flower(True):

@@ -114,6 +114,9 @@ class GroupedClients(Strategy):
             rnd, started = self._round_start
             self.recorder.round_time(rnd, time.perf_counter() - started)
             self._round_start = None
+            from fedkd.runtime import release_memory
+
+            release_memory()  # the round's replies are gone: return their pages
 
     # -- messages out ----------------------------------------------------------------------------
     def _spread(self, template: list[Message], phase: str, server_round: int,
