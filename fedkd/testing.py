@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
@@ -165,10 +166,10 @@ def run_in_process(cfg: "FedkdConfig", run_dir: str | Path, grid: InProcessGrid,
     checkpoint = load_checkpoint(run_dir) if resume else None
     if resume:
         roll_back(run_dir, checkpoint)
-    recorder, status = Recorder(run_dir), "failed"
+    recorder, status, started = Recorder(run_dir), "failed", time.perf_counter()
     try:
         run_server(grid, cfg, run_dir, recorder, checkpoint)
         status = "complete"
     finally:
-        finish_run(run_dir, cfg, recorder, status, 0.0)
+        finish_run(run_dir, cfg, recorder, status, started)  # run.json's wall_seconds
     return run_dir
