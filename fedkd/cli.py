@@ -166,7 +166,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError("no run directory to compare (each holds a metrics.jsonl)")
     print(compare(dirs, out))  # Markdown: no terminal wrapping
     console.print(f"comparison of {len(dirs)} run(s) written to {out}/: compare.md, compare.html, "
-                  "compare.png, compare_clients.png", highlight=False)
+                  "compare.png, compare_clients.png", highlight=False, soft_wrap=True)
     return 0
 
 
