@@ -234,7 +234,10 @@ def _kind(proc: Any, root: int) -> str:
         return "actor"
     if name in ("raylet", "gcs_server"):
         return "raylet" if name == "raylet" else "gcs"
-    return "ray-aux"
+    parts = proc.cmdline() if hasattr(proc, "cmdline") else []
+    script = next((Path(p).stem for p in parts if p.endswith(".py")), None)
+    module = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p == "-m"), None)
+    return f"ray-aux:{script or module or (parts[0] if parts else name)}"
 
 
 def _sample(root: int, before: set[int], seen: dict[int, bool | None], tag: str,
@@ -258,7 +261,7 @@ def _sample(root: int, before: set[int], seen: dict[int, bool | None], tag: str,
             pss, rss, count = pss + mem.pss, rss + mem.rss, count + 1
             if per_pid is not None:
                 known = per_pid.get(pid, ("ray-aux", 0))[0]  # an idle worker becomes an actor
-                kind = known if known != "ray-aux" else _kind(proc, root)
+                kind = known if known.startswith(("driver", "actor", "raylet", "gcs")) else _kind(proc, root)
                 per_pid[pid] = (kind, max(mem.pss, per_pid.get(pid, (kind, 0))[1]))
     return pss, rss, count
 

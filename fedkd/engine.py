@@ -176,6 +176,44 @@ class _Engine:
             backend.kill_actors()
 
 
+#: environment for a local Ray this process starts: no idle Python workers started ahead of the
+#: actors (Ray prestarts one per CPU, ~43 MiB each, which fedkd's actors do not use)
+LEAN_RAY_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
+
+
+@contextlib.contextmanager
+def lean_local_ray() -> Iterator[None]:
+    """Start a local Ray (inside this block) without the processes a simulation does not use.
+
+    `ray.init` on a fresh machine also starts the autoscaler's monitor (~46 MiB PSS), a log
+    monitor that streams worker output to the driver (~45 MiB; fedkd's clients report through
+    their replies and metrics.jsonl, errors through Ray's exceptions) and prestarted idle workers
+    (~43 MiB each). `ray.init` has no switch for the first two, `ray start` has
+    (`--no-monitor`, `--include-log-monitor=false`): the same parameters are set here on the
+    `RayParams` that `ray.init` builds. A joined cluster is untouched (its processes are its own).
+    The dashboard agent, runtime-env agent and minimal API server stay: Ray needs them."""
+    import ray._private.parameter as parameter
+
+    original = parameter.RayParams
+
+    class LeanRayParams(original):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("no_monitor", True)
+            kwargs.setdefault("include_log_monitor", False)
+            super().__init__(*args, **kwargs)
+
+    saved = {k: os.environ.get(k) for k in LEAN_RAY_ENV}
+    os.environ.update({k: v for k, v in LEAN_RAY_ENV.items() if saved[k] is None})
+    parameter.RayParams = LeanRayParams
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
 def _backend_class(engine: _Engine) -> type:
     """Flower's RayBackend, plus: a one-line start failure, actors killed on stop, quiet end."""
     import ray
@@ -185,7 +223,11 @@ def _backend_class(engine: _Engine) -> type:
         def __init__(self, backend_config: dict[str, Any]) -> None:
             if engine.stopping.is_set():
                 raise EngineStopped
-            super().__init__(backend_config)
+            if engine.starts_ray:
+                with lean_local_ray():
+                    super().__init__(backend_config)
+            else:
+                super().__init__(backend_config)
             with engine.lock:
                 engine.backend = self
             engine.track_ray()

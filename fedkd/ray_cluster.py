@@ -25,7 +25,8 @@ from typing import Iterator
 
 import psutil
 
-WATCHDOG = "fedkd.ray_cluster"  # the watchdog runs as `python -m fedkd.ray_cluster PID TEMP_DIR`
+WATCHDOG = "fedkd.ray_cluster"
+START_ATTEMPTS = 3  # `ray start` of one node of `local_cluster`  # the watchdog runs as `python -m fedkd.ray_cluster PID TEMP_DIR`
 
 
 def _free_port() -> int:
@@ -51,7 +52,7 @@ def cluster_processes(temp_dir: str) -> list[psutil.Process]:
     return procs
 
 
-def _stop(temp_dir: str) -> None:
+def _stop(temp_dir: str, keep_watchdog: bool = False) -> None:
     """End the processes of the cluster that lives under `temp_dir`, its watchdog last.
 
     A sweep's own stop runs from a driver that may be killed mid-way (Ray's SIGTERM handler ends
@@ -65,7 +66,7 @@ def _stop(temp_dir: str) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
     _, alive = psutil.wait_procs(cluster, timeout=5)
-    for proc in alive + watchdogs:
+    for proc in alive + ([] if keep_watchdog else watchdogs):
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
 
@@ -131,9 +132,14 @@ def local_cluster(cpus_per_node: list[int], env: dict[str, str] | None = None) -
                       "--include-dashboard=false"] if i == 0 else [f"--address={address}"])
             cmd = [_ray_cli(), "start", *where, "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
                    f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats", *_node_ports()]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=node_env)
-            if done.returncode != 0:
-                raise RuntimeError(f"ray start (node {i}) failed: {done.stderr.strip()[-2000:]}")
+            for attempt in range(START_ATTEMPTS):  # a loaded machine: the raylet misses Ray's 30 s
+                done = subprocess.run(cmd, capture_output=True, text=True, env=node_env)
+                if done.returncode == 0:
+                    break
+                _stop(temp_dir, keep_watchdog=True)  # what the failed start left, then again
+            else:
+                raise RuntimeError(f"ray start (node {i}) failed {START_ATTEMPTS} times: "
+                                   f"{done.stderr.strip()[-2000:]}")
         yield LocalCluster(address, temp_dirs)
     finally:
         for temp_dir in reversed(temp_dirs):  # worker nodes first, the head last
