@@ -9,6 +9,14 @@ on noisy clips x~ against the teacher embedding of the CLEAN clip. At test time,
 condition (a batch of one condition), lambda* = argmin over the grid {0, 0.05, .., 1} of the mean
 entropy of softmax(cos(normalize(lambda S_c + (1 - lambda) S_n), P) / tau); no labels are used.
 
+v2 (spec 4.2 "(v2)", v1 values in brackets): `lambda_select: infomax` [entropy] picks lambda* by
+mean entropy MINUS the entropy of the batch-mean prediction (`mixclap_fusion.select_fusion`),
+so a student that collapses every clip onto one prototype (confident, hence v1's pick) no longer
+wins; every run logs both rules at `tau` and at every tau of `fusion_taus` (selection only: no
+training depends on them). `teacher_noise_aug: true` [false] replaces each teacher training clip,
+with probability 0.5, by a noisy version drawn like the noisy student's training noise, from its
+own seeded stream (prototypes still from clean clips, the noisy student's target still t(clean)).
+
 Stages (a round is an epoch): teacher (15), clean student (15), noisy student (15) -> 45 rounds.
 Noise (section 4.3) is added to waveforms before the features, by the client, with numpy
 generators seeded from (run seed, purpose, epoch / condition name) only, so changing a setting of
@@ -49,8 +57,9 @@ from fedkd.clients.mixclap_audio import (  # noqa: F401
     _NOISE_DOMAIN, _TEST_NOISE, _TRAIN_NOISE, _VAL_NOISE, _VAL_SPLIT, NOISE_KINDS, Condition,
     MixAudio, Split, WaveRows, parse_condition, seeded_rng, validation_split)
 from fedkd.clients.mixclap_fusion import (  # noqa: F401
-    TIE_RTOL, FusionResult, argmin_prefer_larger, class_prototypes, entropy_fusion, fuse,
-    fusion_grid, grid_accuracies, grid_entropies, prototype_logits, unit)
+    SELECTION_RULES, TIE_RTOL, FusionResult, argmin_prefer_larger, class_prototypes, entropy_fusion,
+    fuse, fusion_grid, grid_accuracies, grid_entropies, infomax_objective, prototype_logits,
+    select_fusion, unit)
 from fedkd.config import ConfigError, FedkdConfig, data_dir, setting
 from fedkd.kd import embed_cosine_loss
 
@@ -71,6 +80,14 @@ class MixCLAPSettings:
     tau: float = setting(0.05, gt=0.0)  # ASSUMED cosine-logit temperature
     fusion: str = setting("per_condition", choices=("per_condition", "per_clip"))
     fusion_steps: int = setting(20, min=1)  # grid {0, 1/steps, ..., 1}
+    #: (v2) the rule that picks lambda* for the served model: infomax (v2, ASSUMED) or entropy
+    #: (v1); every run logs both rules at every tau in `fusion_taus`
+    lambda_select: str = setting("infomax", choices=("entropy", "infomax"))
+    #: (v2, ASSUMED values) temperatures at which both rules are also evaluated (no training)
+    fusion_taus: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
+    #: (v2, ASSUMED) the teacher stage replaces each clip with probability 0.5 by a noisy version
+    #: drawn like the noisy student's training noise (false = v1)
+    teacher_noise_aug: bool = False
     init_noisy_from_clean: bool = True  # ASSUMED reading of "two-stage KD"
     train_snrs: list[float] = field(default_factory=lambda: [20.0, 10.0, 5.0, 0.0])
     babble_prob: float = setting(0.5, min=0.0, max=1.0)  # share of babble vs white training noise
@@ -100,6 +117,12 @@ def check_settings(cfg: FedkdConfig, settings: MixCLAPSettings) -> None:
                           "students have 3 inverted-residual blocks: give 3 channels and 3 hidden")
     if not settings.train_snrs:
         raise ConfigError("method.train_snrs", settings.train_snrs, "need at least one SNR")
+    if settings.lambda_select == "infomax" and settings.fusion != "per_condition":
+        raise ConfigError("method.fusion", settings.fusion,
+                          "per_condition with method.lambda_select=infomax (it needs a batch of "
+                          "several classes)")
+    if any(not t > 0 for t in settings.fusion_taus):
+        raise ConfigError("method.fusion_taus", list(settings.fusion_taus), "positive temperatures")
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -236,23 +259,25 @@ class FusedStudents(nn.Module):
     state (`get_extra_state`)."""
 
     def __init__(self, clean: nn.Module, noisy: nn.Module, prototypes: Tensor, grid: Tensor,
-                 tau: float, mode: str) -> None:
+                 tau: float, mode: str, rule: str = "entropy") -> None:
         super().__init__()
-        self.clean, self.noisy, self.tau, self.mode = clean, noisy, tau, mode
+        self.clean, self.noisy, self.tau, self.mode, self.rule = clean, noisy, tau, mode, rule
         self.register_buffer("prototypes", prototypes)
         self.register_buffer("grid", grid)
 
     def fuse(self, e_clean: Tensor, e_noisy: Tensor) -> FusionResult:
-        return entropy_fusion(e_clean, e_noisy, self.prototypes, self.tau, self.grid, self.mode)
+        return select_fusion(e_clean, e_noisy, self.prototypes, self.tau, self.grid, self.mode,
+                             self.rule)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fuse(embed_all(self.clean, x), embed_all(self.noisy, x)).logits
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"tau": self.tau, "fusion": self.mode}
+        return {"tau": self.tau, "fusion": self.mode, "lambda_select": self.rule}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.tau, self.mode = float(state["tau"]), str(state["fusion"])
+        self.rule = str(state.get("lambda_select", "entropy"))  # models saved before v2: entropy
 
 
 def _fingerprint(tensors: dict[str, Tensor]) -> str:
@@ -357,9 +382,15 @@ class MixCLAPClient(StagedMethod):
         y_tr, y_val = data.y_train[tr], data.y_train[val]
         if stage == "teacher":
             teacher = self._load("teacher", state).requires_grad_(True)
-            metrics = train_epochs(teacher, ClientData(data.x_train[tr], y_tr, data.x_train[val], y_val),
+            x_teacher, replaced = data.x_train[tr], None
+            if self.settings.teacher_noise_aug:  # (v2) its own noise stream, fresh each epoch
+                x_teacher, replaced = self.source(data).teacher_augmented(
+                    info.server_round, sp.train, x_teacher)
+            metrics = train_epochs(teacher, ClientData(x_teacher, y_tr, data.x_train[val], y_val),
                                    self.cfg, info.generator(), epochs=1, state=state,
                                    optimizer_key="optimizer-teacher")
+            if replaced is not None:
+                metrics["teacher-augmented-share"] = float(replaced.float().mean())
             if len(val):
                 metrics["val-accuracy"] = _accuracy(embed_all(teacher.eval(), data.x_train[val]), y_val)
             return metrics, dict(self._save("teacher", state))
@@ -406,7 +437,7 @@ class MixCLAPClient(StagedMethod):
         if stage == "clean":
             return PrototypeStudent(clean, prototypes, s.tau)
         return FusedStudents(clean, self._load("student_noisy", state), prototypes,
-                             self.grid.clone(), s.tau, s.fusion)
+                             self.grid.clone(), s.tau, s.fusion, s.lambda_select)
 
     @torch.no_grad()
     def evaluate(self, received: Arrays, state: dict[str, Any], data: ClientData,
@@ -459,6 +490,10 @@ class MixCLAPClient(StagedMethod):
                 per.setdefault(model, []).append(acc)
             extra[f"fusion-weight-{label}"] = float(fusion.weights.mean())
             extra[f"oracle-weight-{label}"] = float(self.grid[best])
+            for key, value in self._all_rules(e_c, e_n, prototypes, y, label).items():
+                extra[key] = value
+                if key.startswith("fused-"):  # "fused-<rule>[-tau<t>]-accuracy-<cond>"
+                    per.setdefault(key.removesuffix(f"-accuracy-{label}"), []).append(value)
             for lam, h in zip(self.grid.tolist(), fusion.entropies.tolist()):
                 extra[f"fusion-entropy-{label}-{round(100 * lam):03d}"] = h
             fused_nll.append(float(F.cross_entropy(fusion.logits, y)))
@@ -471,6 +506,23 @@ class MixCLAPClient(StagedMethod):
                 extra["fusion-weight-clean"] > extra["fusion-weight-white0"])
         extra.update(self._timings(state, conds, prototypes))
         return EvalResult(float(np.mean(fused_nll)), extra["fused-accuracy-mean"], n, extra)
+
+    def _all_rules(self, e_c: Tensor, e_n: Tensor, prototypes: Tensor, y: Tensor,
+                   label: str) -> dict[str, float]:
+        """(v2) Both selection rules at the headline tau and at every tau of `fusion_taus`
+        (per condition): `fused-<rule>[-tau<t>]-accuracy-<cond>` and `fusion-weight-<rule>[-tau<t>]-
+        <cond>`; the unsuffixed names are the headline tau. No labels reach a selection."""
+        s = self.settings
+        out: dict[str, float] = {}
+        taus = [(s.tau, "")] + [(t, f"-tau{t:g}") for t in s.fusion_taus]
+        for rule in SELECTION_RULES:
+            if rule == "infomax" and s.fusion != "per_condition":
+                continue
+            for tau, suffix in taus:
+                r = select_fusion(e_c, e_n, prototypes, tau, self.grid, s.fusion, rule)
+                out[f"fused-{rule}{suffix}-accuracy-{label}"] = _accuracy(r.logits, y)
+                out[f"fusion-weight-{rule}{suffix}-{label}"] = float(r.weights.mean())
+        return out
 
     def _teacher_metrics(self, state: dict[str, Any], conds: dict[str, Tensor], y: Tensor,
                          prototypes: Tensor) -> dict[str, float]:
@@ -497,7 +549,7 @@ class MixCLAPClient(StagedMethod):
         start = time.perf_counter()
         prototype_logits(teacher.embed(x), prototypes, s.tau)
         mid = time.perf_counter()
-        entropy_fusion(clean(x), noisy(x), prototypes, s.tau, self.grid, s.fusion)
+        select_fusion(clean(x), noisy(x), prototypes, s.tau, self.grid, s.fusion, s.lambda_select)
         end = time.perf_counter()
         return {"teacher-ms-per-clip": 1000 * (mid - start) / len(x),
                 "students-ms-per-clip": 1000 * (end - mid) / len(x)}

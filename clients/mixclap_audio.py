@@ -46,6 +46,7 @@ def parse_condition(text: str) -> Condition:
 
 _NOISE_DOMAIN = 0x6D697863  # "mixc": keeps these streams apart from every other seeded stream
 _TRAIN_NOISE, _VAL_NOISE, _TEST_NOISE, _VAL_SPLIT = 1, 2, 3, 4
+_TEACHER_NOISE = 5  # (v2) teacher_noise_aug: its own stream, so the students' noise is unchanged
 
 
 def seeded_rng(seed: int, *key: int) -> np.random.Generator:
@@ -135,6 +136,23 @@ class MixAudio:
         """Features of a fresh noisy draw of training rows `rows` (seeded by the epoch)."""
         r = rows.numpy()
         return self.features(self.training_mix(seeded_rng(self.seed, _TRAIN_NOISE, epoch), r))
+
+    def teacher_augmented(self, epoch: int, rows: Tensor, clean: Tensor, prob: float = 0.5
+                          ) -> tuple[Tensor, Tensor]:
+        """(v2) The teacher's epoch inputs with `teacher_noise_aug`: each training row replaced,
+        with probability `prob`, by a noisy version drawn exactly like the noisy student's
+        training noise (`training_mix`: SNR from train_snrs, white or babble from the training
+        pool), fresh each epoch from its own seeded stream. Returns (inputs, replaced mask);
+        `clean` are the rows' clean features (kept where not replaced)."""
+        rng = seeded_rng(self.seed, _TEACHER_NOISE, epoch)
+        r = rows.numpy()
+        replaced = rng.random(len(r)) < prob
+        out = clean.clone()
+        if replaced.any():
+            noisy = self.features(self.training_mix(rng, r[replaced])).to(out.device, out.dtype)
+            out[torch.as_tensor(replaced, device=out.device)] = noisy.contiguous(
+                memory_format=torch.contiguous_format)
+        return out, torch.as_tensor(replaced)
 
     def noisy_val(self, rows: Tensor) -> Tensor:
         """One fixed noisy draw of the validation rows (the noisy student's validation set)."""

@@ -94,3 +94,48 @@ def grid_accuracies(e_clean: Tensor, e_noisy: Tensor, prototypes: Tensor, tau: f
     fused = fuse(e_clean, e_noisy, grid.to(e_clean.dtype).view(-1, 1, 1))
     preds = prototype_logits(fused, prototypes, tau).argmax(-1)  # (G, B)
     return (preds == labels[None]).float().mean(-1)
+
+
+# --- (v2) the selection rule -------------------------------------------------------------------
+
+SELECTION_RULES = ("entropy", "infomax")
+
+
+def grid_log_posteriors(e_clean: Tensor, e_noisy: Tensor, prototypes: Tensor, tau: float,
+                        grid: Tensor) -> Tensor:
+    """(G, B, C): log p_lambda(c|x) for every grid lambda and clip."""
+    fused = fuse(e_clean, e_noisy, grid.to(e_clean.dtype).view(-1, 1, 1))  # (G, B, D)
+    return F.log_softmax(prototype_logits(fused, prototypes, tau), dim=-1)
+
+
+def infomax_objective(e_clean: Tensor, e_noisy: Tensor, prototypes: Tensor, tau: float,
+                      grid: Tensor) -> Tensor:
+    """(G,): mean_x H(p_lambda(.|x)) - H(pbar_lambda), pbar_lambda = mean_x p_lambda(.|x).
+
+    The second term is 0 when every clip lands on one prototype and log C when predictions
+    spread evenly, so a collapsed (confident) student no longer wins (spec 4.2 v2, ASSUMED)."""
+    logp = grid_log_posteriors(e_clean, e_noisy, prototypes, tau, grid)
+    p = logp.exp()
+    mean_h = -(p * logp).sum(-1).mean(-1)
+    pbar = p.mean(1)
+    h_bar = -(pbar * pbar.clamp_min(1e-30).log()).sum(-1)
+    return mean_h - h_bar
+
+
+def select_fusion(e_clean: Tensor, e_noisy: Tensor, prototypes: Tensor, tau: float, grid: Tensor,
+                  mode: str = "per_condition", rule: str = "entropy") -> FusionResult:
+    """lambda* by `rule`: `entropy` (v1: min mean entropy, per condition or per clip) or
+    `infomax` (v2: min mean entropy minus the entropy of the batch-mean prediction; per
+    condition only, it needs a batch of several classes). Ties go to the larger lambda.
+    `FusionResult.entropies` holds the rule's objective per grid lambda."""
+    if rule == "entropy":
+        return entropy_fusion(e_clean, e_noisy, prototypes, tau, grid, mode)
+    if rule != "infomax":
+        raise ValueError(f"unknown selection rule {rule!r}; expected one of {SELECTION_RULES}")
+    if mode != "per_condition":
+        raise ValueError("infomax selects one lambda per condition (fusion: per_condition)")
+    objective = infomax_objective(e_clean, e_noisy, prototypes, tau, grid)
+    index = argmin_prefer_larger(objective).expand(len(e_clean))
+    lam = grid.to(e_clean.dtype)[index]
+    return FusionResult(lam, objective, prototype_logits(fuse(e_clean, e_noisy, lam[:, None]),
+                                                         prototypes, tau))
