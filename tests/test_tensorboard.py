@@ -73,3 +73,21 @@ def test_off_by_default_and_resume_rewrites_redone_rounds(tmp_path: Path) -> Non
     _record_run(run, range(3, 5))
     steps = [step for step, _ in _scalars(run / "tensorboard")["round/accuracy"]]
     assert steps == [1, 2, 3, 4]  # round 3 once, not twice
+
+
+def test_a_failing_sink_is_dropped_and_the_run_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    class Broken:
+        closed = False
+
+        def record(self, record: dict) -> None:
+            raise OSError("disk full")
+
+        def close(self) -> None:
+            Broken.closed = True
+
+    recorder = Recorder(tmp_path, sinks=[Broken()])
+    recorder.round_time(1, 1.0)
+    recorder.round_time(2, 1.0)
+    recorder.close()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "warning: Broken stopped: disk full" in capsys.readouterr().err
