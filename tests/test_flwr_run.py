@@ -23,7 +23,31 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.e2e
+
+
+def test_flat_run_config_keys_map_onto_fedkd_keys() -> None:
+    from fedkd.apps import flwr_run_overrides
+
+    config, overrides = flwr_run_overrides({
+        "config": "std-mnist", "num-server-rounds": 3, "fraction-train": 0.5, "local-epochs": 0,
+        "seed": -1, "strategy": "fedprox", "method": "", "overrides": "train.lr=0.1 model.name=mlp"})
+    assert config == "std-mnist"
+    assert overrides == ["train.rounds=3", "train.fraction_clients=0.5", "strategy.name=fedprox",
+                         "train.lr=0.1", "model.name=mlp"]  # unset keys (0, -1, "") left out
+    from fedkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="^overrides="):
+        flwr_run_overrides({"overrides": "train.lr='0.1"})
+
+
+def test_declared_run_config_is_what_the_app_maps() -> None:
+    import tomllib
+
+    from fedkd.apps import FLWR_RUN_KEYS
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(declared) == {"config", "overrides", *FLWR_RUN_KEYS}
+    assert all(declared[k] == unset for k, (_, unset) in FLWR_RUN_KEYS.items())
 
 
 def _free_port() -> int:
@@ -87,6 +111,7 @@ def _flwr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=540)
 
 
+@pytest.mark.e2e
 def test_flwr_run_maps_flat_keys_and_writes_the_run(flwr_env: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "runs"
     done = _flwr(flwr_env, "run", ".", "--stream", "--run-config",
@@ -106,12 +131,14 @@ def test_flwr_run_maps_flat_keys_and_writes_the_run(flwr_env: dict[str, str], tm
     assert "Traceback" not in log and "FutureWarning" not in log, log[-4000:]
 
 
+@pytest.mark.e2e
 def test_unknown_run_config_key_fails_before_the_run(flwr_env: dict[str, str]) -> None:
     done = _flwr(flwr_env, "run", ".", "--run-config", "num-server-round=1")
     assert done.returncode != 0
     assert "Invalid run configuration" in done.stdout + done.stderr
 
 
+@pytest.mark.e2e
 def test_bad_value_is_one_line_in_the_log(flwr_env: dict[str, str]) -> None:
     """A bad value is only seen by the ServerApp: one line names it; flwr 1.42's `flwr run` still
     exits 0 for a failed app (README)."""
