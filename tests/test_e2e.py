@@ -80,6 +80,9 @@ def test_robust_strategy_aggregates_per_client_updates(tmp_path: Path, ray_addre
 #: experiment -> tiny overrides (2-5 rounds) for the one-client reduction test of each method
 CENTRALIZED = {
     "kd-mnist5k": ["method.teacher_epochs=2", "method.student_epochs=1", "train.rounds=3"],
+    # v2: best-validation teacher, early stopping (patience 1) and jitter in the client state
+    "kd-mnist5k-v2": ["method.teacher_epochs=1", "method.student_epochs=3", "method.patience=1",
+                      "method.jitter_px=2", "method.teacher_model=mlp", "train.rounds=4"],
     "stkd-cardio": ["method.epochs=3", "method.rescore_every=1", "train.rounds=3"],
     "xtime-etth1": ["method.expert_epochs=1", "method.router_epochs=1", "train.rounds=5"],
 }
