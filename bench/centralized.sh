@@ -5,14 +5,14 @@
 # Cheapest first; `fedkd sweep` skips results that exist (and resumes unfinished runs), so a
 # cut-off queue resumes where it stopped.
 #
-# Usage: bench/centralized.sh [v1|v2|all]   (default v2; FEDKD_DATA_DIR must point at the shared data)
+# Usage: bench/centralized.sh [v1|v2|all]   (default all: v1 results exist, so it runs v2; FEDKD_DATA_DIR must point at the shared data)
 #   v1: the v1 experiments (their configs pin the v1 values; results in bench/results/<experiment>/)
 #   v2: issue 24's v2 runs (centralized.md "(v2)"), results in bench/results/<experiment>-v2/:
 #       seed 0 of every method first, then seeds 1 and 2, then kd's T x alpha grid. One run at a
 #       time (a lock serialises two invocations); prefix with `nice -n 19` beside other benchmarks.
 set -u
 FEDKD=${FEDKD:-.venv/bin/fedkd}
-WHICH=${1:-v2}
+WHICH=${1:-all}
 STKD_FILES="adbench:6_cardio adbench:2_annthyroid adbench:24_mnist adbench:32_shuttle adbench:30_satellite"
 
 sweep() {  # sweep CONFIG OUT SEEDS [grid/overrides...]: skip a config that does not exist yet;
