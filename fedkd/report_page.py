@@ -117,15 +117,15 @@ def captions(s: dict, rows: list[dict], partition: dict, cfg: dict) -> dict[str,
     if evaluated:
         lo = min(evaluated, key=lambda r: r["accuracy"])
         hi = max(evaluated, key=lambda r: r["accuracy"])
-        shape = ("Histogram and ECDF of" if len(rows) > MANY_CLIENTS else "One dot per client:")
-        failed = sum(bool(r["failures"]) for r in rows)
+        shape = ("Histogram and ECDF of" if len(evaluated) > MANY_CLIENTS else "One dot per client:")
+        failed = sum(bool(r["failures"]) for r in evaluated)  # the red crosses of the plot
         out["client_accuracy.png"] = (
             "Final per-client accuracy",
             f"{shape} final accuracy of {len(evaluated)} clients, from client {lo['partition_id']} "
             f"({lo['accuracy']:.3f}) to client {hi['partition_id']} ({hi['accuracy']:.3f}); worst-10% mean "
             f"{_fmt(s['accuracy_worst10'], 3)}. The axis spans the data, not 0 to 1; the solid line is the "
             f"headline." + (f" Red crosses: {failed} client(s) with a failed call." if failed
-                             and len(rows) <= MANY_CLIENTS else ""))
+                             and len(evaluated) <= MANY_CLIENTS else ""))
     clients = partition.get("clients") or []
     if clients:
         sizes = [sum(c["train"]) for c in clients]

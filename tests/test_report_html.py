@@ -127,3 +127,17 @@ def test_run_json_does_not_repeat_per_client_constants() -> None:
     hetero = run_info(load_config(None, ["data.num_clients=300", "method.name=local",
                                          "model.per_client=[cnn,mlp]"]), "complete", 1.0)
     assert hetero["client_models"] == ["cnn", "mlp"]
+
+
+def test_sampled_cohort_of_a_large_population(tmp_path: Path) -> None:
+    """A population above 200 of which a cohort of 50 was evaluated (as with
+    train.fraction_clients): tables by population size (summary, worst, best), the accuracy
+    figure by evaluated clients (a dot each), and captions that say which."""
+    run = synthetic_run(tmp_path / "run", 250)
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [r for r in lines if r.get("partition_id") is None or r["partition_id"] % 5 == 0]  # 50 of 250
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_outputs(run)
+    md = (run / "report.md").read_text()
+    assert "## 20 worst clients" in md and "One dot per client: final accuracy of 50 clients" in md
+    assert "Histogram" not in md and "seeded sample of 100 of 250 clients" in md
