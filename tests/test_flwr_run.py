@@ -26,7 +26,7 @@ BIN = Path(sys.executable).parent
 
 
 def test_flat_run_config_keys_map_onto_fedkd_keys() -> None:
-    from fedkd.apps import flwr_run_overrides
+    from fedkd.flwr_app import flwr_run_overrides
 
     config, overrides = flwr_run_overrides({
         "config": "std-mnist", "num-server-rounds": 3, "fraction-train": 0.5, "local-epochs": 0,
@@ -43,7 +43,7 @@ def test_flat_run_config_keys_map_onto_fedkd_keys() -> None:
 def test_declared_run_config_is_what_the_app_maps() -> None:
     import tomllib
 
-    from fedkd.apps import FLWR_RUN_KEYS
+    from fedkd.flwr_app import FLWR_RUN_KEYS
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert set(declared) == {"config", "overrides", *FLWR_RUN_KEYS}
