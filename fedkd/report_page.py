@@ -80,7 +80,7 @@ def _client_blocks(rows: list[dict]) -> list[Block]:
     """Per-client tables: every client up to MANY_CLIENTS, else a summary and the 20 worst and
     20 best (clients.csv always holds them all)."""
     results, cost = _client_columns(rows)
-    failed_note = "Clients with a failed call are highlighted in report.html (see Failed clients)."
+    failed_note = "A client with a failed call has fails > 0 and a marked row (see Failed clients)."
     if len(rows) <= MANY_CLIENTS:
         fails = any(r["failures"] for r in rows)
         return [("h2", "Per-client results"), _client_table(rows, results, failed_note if fails else ""),

@@ -31,7 +31,8 @@ def _record_run(run_dir: Path, rounds: range, fail: tuple[int, int] | None = Non
             recorder.client(rnd, "train", pid, {"num-examples": n, "loss": 1.0 / rnd, "bytes-sent": 1000,
                                                 "bytes-received": 2000}, None)
         for pid, n in ((0, 10), (1, 30)):
-            recorder.client(rnd, "evaluate", pid, {"num-examples": n, "loss": 0.5, "accuracy": 0.5 + 0.1 * pid + 0.01 * rnd,
+            accuracy = 0.5 + 0.1 * pid + 0.01 * rnd
+            recorder.client(rnd, "evaluate", pid, {"num-examples": n, "loss": 0.5, "accuracy": accuracy,
                                                    "bytes-received": 2000}, None)
         recorder.central(rnd, 0.4, 0.6 + 0.01 * rnd, 1000)
         recorder.round_time(rnd, 2.0 + rnd)
