@@ -10,10 +10,11 @@ same fraction evaluates every round; 1 torch thread per client; seed 0). Per cel
   report_s   time in `fedkd.report.write_outputs` (the report; its code is another issue's)
   peak_pss_mib  peak PSS sum over the process tree and Ray's processes (bench/overhead.py's
              sampler, with the per-process peaks)
-Then bench/overhead.py's table (floor vs fedkd, every client training) for --overhead-sizes.
+Then one 2-CPU node against two 1-CPU nodes (--nodes, both local clusters) and bench/overhead.py's
+table (floor vs fedkd, every client training) for --overhead-sizes.
 
     .venv/bin/python bench/scale.py            # the whole grid (long)
-    .venv/bin/python bench/scale.py --quick    # 2 rounds, no cohort of 1,000 except at 100,000
+    .venv/bin/python bench/scale.py --quick    # 2 rounds, cohorts of 100 only, no overhead table
 Results: bench/results/scale.json (merged per cell; --force re-runs cells already there).
 """
 
@@ -138,6 +139,37 @@ def measure(population: int, cohort: int, rounds: int, seed: int) -> dict[str, A
             "load_avg_1m_at_end": os.getloadavg()[0], "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def nodes_compare(clients: int, rounds: int, seed: int) -> dict[str, Any]:
+    """s/round of one run on a one-node cluster with 2 CPUs against two 1-CPU nodes (both on
+    this machine, `fedkd.ray_cluster.local_cluster`): mnist5k iid, every client trains."""
+    from fedkd.config import load_config
+    from fedkd.ray_cluster import local_cluster
+    from fedkd.simulation import run_experiment
+
+    out: dict[str, Any] = {"clients": clients, "rounds": rounds}
+    for label, layout in (("one 2-CPU node", [2]), ("two 1-CPU nodes", [1, 1])):
+        with local_cluster(layout) as cluster:
+            cfg = load_config(ROOT / "configs/experiment/quickstart.yaml", [
+                "data.partitioner.name=iid", f"data.num_clients={clients}", "model.name=cnn",
+                f"train.rounds={rounds}", "train.lr=0.01", "train.batch_size=10",
+                "device.threads_per_client=1", f"experiment.seed={seed}",
+                f"simulation.ray_address={cluster.address}"])
+            run_dir = run_experiment(cfg, Path(tempfile.mkdtemp(prefix="fedkd-nodes-")), quiet=True)
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        with (run_dir / "metrics.jsonl").open() as f:
+            recs = [r for r in map(json.loads, f)]
+        times = [r["seconds"] for r in sorted((r for r in recs if r.get("phase") == "round"),
+                                              key=lambda r: r["round"])]
+        out[label] = {"round_seconds": times, "s_per_round": statistics.median(times[1:]),
+                      "workers": len({r["worker_pid"] for r in recs if r.get("worker_pid")}),
+                      "load_avg_1m": os.getloadavg()[0]}
+        print(f"     {label}: s/round {out[label]['s_per_round']:.2f} (rounds {times})", flush=True)
+    return out
+
+
 def _f(x: Any, digits: int = 1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
@@ -162,12 +194,15 @@ def main() -> None:
                     help="population:cohort pairs, comma-separated")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true",
-                    help="2 rounds; cells 1000:100, 10000:100, 100000:1000; overhead N=100,500")
+                    help="2 rounds; cells 1000:100, 10000:100, 100000:100; 40 clients for --nodes; "
+                         "no overhead table")
     ap.add_argument("--overhead-sizes", default="100,500,1000",
                     help="bench/overhead.py's floor-vs-fedkd table for these N ('' to skip)")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "scale.json")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nodes", type=int, default=100, metavar="N",
+                    help="also compare one 2-CPU node with two 1-CPU nodes on N clients (0: skip)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -175,9 +210,10 @@ def main() -> None:
         print(PREFIX + json.dumps(child(population, cohort, args.rounds, args.seed)), flush=True)
         return
     if args.quick:
-        args.rounds, args.cells = 2, "1000:100,10000:100,100000:1000"
+        args.rounds, args.cells = 2, "1000:100,10000:100,100000:100"
         if args.overhead_sizes == "100,500,1000":
-            args.overhead_sizes = "100,500"
+            args.overhead_sizes = ""  # bench/overhead.py on its own (it takes longer than the rest)
+        args.nodes = min(args.nodes, 40)
     store = json.loads(args.out.read_text()) if args.out.exists() else {}
     cells: dict[str, dict] = store.setdefault("cells", {})
     for pair in args.cells.split(","):
@@ -198,6 +234,13 @@ def main() -> None:
         print(f"     set-up {c['setup_s']:.1f} s (+ Ray {c['ray_start_s']:.1f} s), "
               f"s/round {_f(c['s_per_round'], 2)}, report {c['report_s']:.1f} s, "
               f"peak PSS {c['peak_pss_mib']:,.0f} MiB", flush=True)
+    if args.nodes:
+        print(f"run  one 2-CPU node vs two 1-CPU nodes, {args.nodes} clients ...", flush=True)
+        try:
+            store["nodes"] = nodes_compare(args.nodes, max(args.rounds, 3), args.seed)
+            args.out.write_text(json.dumps(store, indent=1))
+        except Exception as exc:  # noqa: BLE001 -- keep the rest of the results
+            print(f"     FAILED: {exc}", flush=True)
     if args.overhead_sizes:
         ov = BENCH / "results" / "overhead-scale.json"
         cmd = [sys.executable, str(BENCH / "overhead.py"), "--sizes", args.overhead_sizes,
@@ -209,6 +252,10 @@ def main() -> None:
             store["overhead"] = json.loads(ov.read_text())["results"]
             args.out.write_text(json.dumps(store, indent=1))
     print(f"\n{args.rounds} rounds per cell\n\n" + table(cells))
+    if "nodes" in store:
+        n = store["nodes"]
+        print("\n" + "\n".join(f"{k}: {v['s_per_round']:.2f} s/round ({n['clients']} clients)"
+                               for k, v in n.items() if isinstance(v, dict)))
 
 
 if __name__ == "__main__":

@@ -129,9 +129,10 @@ def local_cluster(cpus_per_node: list[int], env: dict[str, str] | None = None) -
     try:
         for i, (cpus, temp_dir) in enumerate(zip(cpus_per_node, temp_dirs)):
             where = (["--head", f"--port={port}", f"--ray-client-server-port={_free_port()}",
-                      "--include-dashboard=false"] if i == 0 else [f"--address={address}"])
+                      "--include-dashboard=false", "--no-monitor"] if i == 0 else [f"--address={address}"])
             cmd = [_ray_cli(), "start", *where, "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-                   f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats", *_node_ports()]
+                   f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats",
+                   "--include-log-monitor=false", *_node_ports()]
             for attempt in range(START_ATTEMPTS):  # a loaded machine: the raylet misses Ray's 30 s
                 done = subprocess.run(cmd, capture_output=True, text=True, env=node_env)
                 if done.returncode == 0:
