@@ -30,6 +30,10 @@ class TableOptions:
     highlight: frozenset[int] = frozenset()  # row indexes
     note: str = ""
     left: int = 1  # how many leading columns are text (left-aligned); the rest are numbers
+    text: frozenset[int] = frozenset()  # other text columns, by index
+
+    def is_text(self, column: int) -> bool:
+        return column < self.left or column in self.text
 
 
 @dataclass
@@ -83,7 +87,7 @@ def to_markdown(blocks: Sequence[Block]) -> str:
         elif kind == "table":
             head, rows = args[0], args[1]
             opts = args[2] if len(args) > 2 else TableOptions()
-            align = "|" + "".join("---|" if i < opts.left else "--:|" for i in range(len(head)))
+            align = "|" + "".join("---|" if opts.is_text(i) else "--:|" for i in range(len(head)))
             out.append("\n".join(["| " + " | ".join(map(cell, head)) + " |", align,
                                   *("| " + " | ".join(map(cell, row)) + " |" for row in rows)]))
             if opts.note:

@@ -175,7 +175,7 @@ def page(s: dict, rows: list[dict], figures: dict[str, tuple[str, str]],
         if s["rejected_updates"]:
             blocks.append(("table", ["round", "client", "reason"],
                            [[u["round"], u["partition_id"], u["reason"]] for u in s["rejected_updates"]],
-                           TableOptions(left=0)))
+                           TableOptions(left=0, text=frozenset({2}))))
     if s.get("per_model"):  # heterogeneous clients: is one architecture behind?
         blocks += [("h2", f"By architecture (round {_fmt(s['last_round'])})"),
                    ("table", ["model", "clients", "accuracy (weighted)", "unweighted", "min", "max"],
