@@ -32,16 +32,27 @@ v1() {
   done
 }
 
-v2_pass() {  # v2_pass SEEDS: every v2 experiment on SEEDS, cheapest first
-  local seeds=$1 e=configs/experiment
+stkd_files() {  # stkd_files SEEDS FILE...: init and warm-up teacher on each file
+  local seeds=$1
+  shift
+  for f in "$@"; do
+    sweep configs/experiment/stkd-suite-v2.yaml bench/results/stkd-suite-v2 "$seeds" \
+        "data.dataset=$f" method.teacher=init,warmup
+  done
+}
+
+v2_pass() {  # v2_pass SEEDS: every v2 experiment on SEEDS; every method once before stkd's other files
+  local seeds=$1 e=configs/experiment first rest
+  first=${STKD_FILES%% *}
+  rest=${STKD_FILES#* }
   sweep $e/kd-mnist5k-v2.yaml bench/results/kd-mnist5k-v2 "$seeds"
   sweep $e/kd-mnist5k-s100-v2.yaml bench/results/kd-mnist5k-s100-v2 "$seeds"
   sweep $e/xtime-etth1-v2.yaml bench/results/xtime-etth1-v2 "$seeds"
-  for f in $STKD_FILES; do
-    sweep $e/stkd-suite-v2.yaml bench/results/stkd-suite-v2 "$seeds" "data.dataset=$f" method.teacher=init,warmup
-  done
+  stkd_files "$seeds" "$first"
   sweep $e/betakd-avmnist-v2.yaml bench/results/betakd-avmnist-v2 "$seeds" method.weight_lr_mode=official,fixed
   sweep $e/mixclap-fsdd-v2.yaml bench/results/mixclap-fsdd-v2 "$seeds" method.teacher_noise_aug=false,true
+  # shellcheck disable=SC2086  # word splitting intended: the other files
+  stkd_files "$seeds" $rest
 }
 
 v2() {
