@@ -44,6 +44,7 @@ def browser() -> Iterator["object"]:
     driver_path = shutil.which("chromedriver")
     if not binary or not driver_path:
         _unavailable("chromium or chromedriver not found on PATH")
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for arg in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
