@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -89,6 +90,11 @@ def quiet_flower(enabled: bool) -> Iterator[None]:
     logger = logging.getLogger("flwr")
     level, drop = logger.level, _DropRunSimulationDeprecation()
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences Ray's FutureWarning
+    if not sys.stderr.isatty():  # plain text in a pipe or a file: no colour codes from Ray's
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # worker-log prefixes, nor Flower's levels
+        from flwr.common.logger import update_console_handler
+
+        update_console_handler(colored=False)
     if enabled:
         logger.setLevel(logging.WARNING)
     logger.addFilter(drop)
