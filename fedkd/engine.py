@@ -176,6 +176,8 @@ class _Engine:
             backend.kill_actors()
 
 
+#: starts of a local Ray: on a loaded machine its raylet can miss Ray's fixed 30 s registration wait
+RAY_START_ATTEMPTS = 3
 #: environment for a local Ray this process starts: no idle Python workers started ahead of the
 #: actors (Ray prestarts one per CPU, ~43 MiB each, which fedkd's actors do not use)
 LEAN_RAY_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_enable_worker_prestart": "0"}
@@ -224,8 +226,17 @@ def _backend_class(engine: _Engine) -> type:
             if engine.stopping.is_set():
                 raise EngineStopped
             if engine.starts_ray:
-                with lean_local_ray():
-                    super().__init__(backend_config)
+                for attempt in range(RAY_START_ATTEMPTS):
+                    try:
+                        with lean_local_ray():
+                            super().__init__(backend_config)
+                        break
+                    except Exception as exc:  # noqa: BLE001 -- only Ray's start time-out is retried
+                        if "timed out during startup" not in str(exc) or attempt + 1 == RAY_START_ATTEMPTS:
+                            raise
+                        _shutdown_ray()  # what the failed start left; then once more
+                        _kill([p for p in engine.track_ray() if _running(p)])
+                        engine.ray_processes.clear()
             else:
                 super().__init__(backend_config)
             with engine.lock:
