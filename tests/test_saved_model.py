@@ -65,7 +65,11 @@ CASES: dict[str, tuple[str, list[str]]] = {
 #: extra cases: feature-level excitation (buffers) read against the round-start global model
 EXTRA = {"pse-features": ("quickstart.yaml", ["method.name=pse", "method.excite_on=features",
                                               "method.grad_batches=2",
-                                              "method.eval_global=round_start", *FEDERATED])}
+                                              "method.eval_global=round_start", *FEDERATED]),
+         # (v2) the gate: alpha as buffers sized by the BatchNorms it scales
+         "pse-gate": ("quickstart.yaml", ["method.name=pse", "method.excite_on=gate",
+                                          "method.alpha_max=0.2", "model.name=cnn_bn",
+                                          "method.grad_batches=2", *FEDERATED])}
 #: metrics in which clients of methods with a global model report that model's accuracy
 GLOBAL_METRIC = {"ditto": "global_accuracy", "pse": "global_accuracy", "fml": "meme_accuracy",
                  "fedkd_mentor": "mentee_accuracy"}
