@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import jinja2
 
-# ("h1"|"h2"|"p", text) | ("ul", items) | ("table", headers, rows[, Table options])
+# ("h1"|"h2"|"p"|"line", text) | ("ul", items) | ("table", headers, rows[, Table options])
 # | ("img", file, alt[, caption]) | ("failures", [Failure, ...])
 Block = tuple[Any, ...]
 WIDTH = 80  # Markdown prose is wrapped here (tables and long words cannot be)
@@ -82,6 +82,8 @@ def to_markdown(blocks: Sequence[Block]) -> str:
             out.append(f"{'#' * int(kind[1])} {args[0]}")
         elif kind == "p":
             out.append(_wrap(args[0]))
+        elif kind == "line":  # holds a command to copy: never broken across lines
+            out.append(args[0])
         elif kind == "ul":
             out.append("\n".join(_wrap(str(item), "- ") for item in args[0]))
         elif kind == "table":
@@ -128,6 +130,6 @@ def to_html(blocks: Sequence[Block], base: Path, title: str) -> str:
                           "caption": args[2] if len(args) > 2 else args[1]})
         elif kind == "failures":
             items.append({"kind": kind, "failures": args[0]})
-        else:
-            items.append({"kind": kind, "value": args[0]})
+        else:  # "line" is a paragraph that Markdown does not wrap
+            items.append({"kind": "p" if kind == "line" else kind, "value": args[0]})
     return _environment().get_template("report.html.j2").render(title=title, blocks=items)

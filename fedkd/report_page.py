@@ -151,7 +151,7 @@ def page(s: dict, rows: list[dict], figures: dict[str, tuple[str, str]],
                 f"rounds: {s['rounds_completed']} completed of {_fmt(s['rounds'])} (status: {s['status']})",
                 f"evaluated: {evaluated}",
                 f"time: {_fmt(s['seconds_per_round'], 2)} s/round (median), {_fmt(s['wall_seconds'], 1)} s wall"]),
-        *([("p", f"Incomplete run: {s['resume']}.")] if s.get("resume") else []),
+        *([("line", f"Incomplete run: {s['resume']}.")] if s.get("resume") else []),
         *([("p", f"Status {s['status']}: {s['status_reason']}.")] if s.get("status_reason") else []),
         ("h2", "Results"), ("table", ["metric", "value"], _headline_rows(s)),
         ("p", f"The headline is the {HEADLINE} of the last evaluated round; the {BEST} figure selects a round "
