@@ -61,7 +61,7 @@ def forecast_metrics(pred: np.ndarray, y: np.ndarray, tau: np.ndarray, kind: str
     """Per level k: n, MSE, MAE on windows with level >= k; event precision / recall / F1 (k >= 1).
 
     `pred` is in standardized units (as `y[:, TARGET]`); events compare r(pred in raw units)
-    with tau_k. Precision with no predicted event is 0 (sklearn's zero_division=0); every metric
+    with tau_k (`detrended_value`: |yhat - m_t| / (sd_t + 1e-6), spec 2.4 v2). Precision with no predicted event is 0 (sklearn's zero_division=0); every metric
     of a level with fewer than `min_n` windows is NaN (spec 2.3).
     """
     y64 = y.astype(np.float64)
