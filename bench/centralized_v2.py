@@ -109,7 +109,9 @@ def kd() -> str:
     out.append(table(["setting", "student", "seeds", "teacher", "baseline student", "KD student",
                       "KD − baseline (paired)", "verdict", "teacher − baseline", "best epoch KD·baseline per seed"],
                      rows))
-    for size, exp in (("784-32-10", "kd-mnist5k-v2-grid"), ("784-100-10", "kd-mnist5k-s100-v2-grid")):
+    for size, exp in (("784-32-10, v1 MLP teacher", "kd-mnist5k-grid"),
+                      ("784-32-10, v2 CNN teacher", "kd-mnist5k-v2-grid"),
+                      ("784-100-10, v2 CNN teacher", "kd-mnist5k-s100-v2-grid")):
         if not (RESULTS / exp).is_dir():
             continue
         grid = []
@@ -120,7 +122,7 @@ def kd() -> str:
                 fig, verdict = paired(values(runs, "student_accuracy"), values(runs, "baseline_accuracy"))
                 cells.append(f"{fig} [{verdict}]")
             grid.append([t, *cells])
-        out.append(f"\nT × alpha, KD − baseline, student {size} (v2 teacher):\n")
+        out.append(f"\nT × alpha, KD − baseline (paired), student {size}:\n")
         out.append(table(["T \\ alpha", "0.5", "0.9"], grid))
     return "\n".join(out)
 
@@ -226,12 +228,16 @@ def betakd() -> str:
     for name, (exp, label) in sets.items():
         for s, m in sorted(loaded[name].items()):
             tr = train_metrics(exp, label, s)
+            parts = (("audio_replaced", "image_replaced", "clean") if "instance_weight_ce_train_audio_replaced" in tr
+                     else ("corrupted", "clean"))  # v1: only audio is ever replaced
             inst = " / ".join(
                 "·".join(f"{tr.get(f'instance_weight_{c}_train_{part}', math.nan):.2f}" for c in ("ce", "kd", "fd"))
-                for part in ("audio_replaced", "image_replaced", "clean"))
+                for part in parts)
+            inst = inst if tr else "— (run directory not here)"
             rows.append([name, s, "·".join(f"{m.get(f'task_weight_{c}', math.nan):.3f}" for c in ("ce", "kd", "fd")), inst])
     out.append("\nLearned weights (normalised, CE·KD·FD): task mode; instance mode on audio-replaced / "
-               "image-replaced / clean training pairs (from the run directory's last train record):\n")
+               "image-replaced / clean training pairs (v1: audio-replaced / clean), from the run "
+               "directory's last train record:\n")
     out.append(table(["setting", "seed", "task weights", "instance weights"], rows))
     return "\n".join(out)
 
