@@ -33,7 +33,20 @@ def _headline_rows(s: dict) -> list[list[Any]]:
             ["std across clients (population)", s["accuracy_std"]],
             [f"worst-10% mean ({k} of {_fmt(s['clients_evaluated'])} clients)", s["accuracy_worst10"]],
             [f"{BEST} (round {_fmt(s['best_round'])}; not the headline)", s["best_accuracy"]],
-            ["central accuracy (global model, global test set)", s["central_accuracy"]]]
+            ["central accuracy (global model, global test set)", s["central_accuracy"]],
+            *_second_rows(s)]
+
+
+def _second_rows(s: dict) -> list[list[Any]]:
+    """The protocol's second headline, the method's second model, what the method logs beside."""
+    rounds = "/".join(map(str, s.get("last3_rounds") or [])) or "n/a"
+    rows = [[f"mean of the last three evaluations (rounds {rounds})", s.get("accuracy_last3")]]
+    if second := s.get("second_model"):
+        rows += [[f"second model: {second['name']}, round {_fmt(s['last_round'])}", second["accuracy"]],
+                 [f"second model: {second['name']}, mean of the last three", second["accuracy_last3"]]]
+    metric = (second or {}).get("metric")
+    return rows + [[f"{k} (method-reported, round {_fmt(s['last_round'])})", v]
+                   for k, v in (s.get("extra_metrics") or {}).items() if k != metric]
 
 
 def _quantiles(values: Sequence[float]) -> list[float]:

@@ -117,6 +117,11 @@ def test_summary_carries_the_mean_of_the_last_three_evaluations_and_the_second_m
     assert s["second_model"]["accuracy"] == pytest.approx((0.5 * 10 + 0.7 * 30 + 0.9 * 60) / 100)
     row = next(ln for ln in sweep_table([{"run": "d", **s}]).splitlines() if ln.startswith("| d "))
     assert "global: 0.8000" in row
+    from fedkd.report import write_outputs  # the run's own report shows both too
+
+    write_outputs(run)
+    md = (run / "report.md").read_text()
+    assert "mean of the last three evaluations (rounds 1/2/3)" in md and "second model: global" in md
 
 
 def test_result_rows_collect_every_label_under_out(tmp_path: Path) -> None:
