@@ -346,18 +346,24 @@ def test_selection_settings_change_no_weight_and_teacher_noise_is_seeded_and_hal
 
     overrides = ("method.teacher_epochs=1", "method.clean_epochs=1", "method.noisy_epochs=1",
                  "train.rounds=3", "method.timing_clips=4")
-    states = []
-    for extra in ((), ("method.lambda_select=entropy", "method.fusion_taus=[0.3]")):
+    states, clients = [], []
+    for extra in (("method.lambda_select=entropy", "method.fusion_taus=[0.3]"),
+                  ("method.lambda_select=infomax",)):
         c = client(*overrides, *extra)
         data, state = _tiny(c), {}
         for r in (1, 2, 3):
             c.train({}, state, data, RoundInfo(0, r, 0))
         states.append(state)
+        clients.append(c)
     for key in ("teacher", "student_clean", "student_noisy"):
         assert same(states[0][key], states[1][key])
-    ev = c.evaluate({}, states[1], data, RoundInfo(0, 3, 0)).metrics
+    ev = clients[0].evaluate({}, states[0], data, RoundInfo(0, 3, 0)).metrics
     assert {"fused-infomax-accuracy-mean", "fused-entropy-tau0.3-accuracy-mean",
             "fusion-weight-infomax-white0"} <= set(ev)
+    served = clients[1].evaluate({}, states[1], data, RoundInfo(0, 3, 0))  # infomax serves
+    assert served.accuracy == served.metrics["fused-infomax-accuracy-mean"]
+    assert served.metrics["fusion-weight-clean"] == served.metrics["fusion-weight-infomax-clean"]
+    assert ev["fused-accuracy-mean"] == ev["fused-entropy-accuracy-mean"]  # entropy serves
     # teacher_noise_aug: off = the clean rows themselves; on = about half replaced, from a stream
     # of its own (the noisy student's training noise is unchanged), babble from training takes only
     c = client(*overrides, "method.teacher_noise_aug=true")
