@@ -140,7 +140,7 @@ class TrainConfig:
     fraction_clients: float = setting(1.0, gt=0.0, max=1.0)
     # PFLlib's train loader drops the incomplete last batch (the pFL specs); false keeps it, which is
     # what every benchmark so far ran with. A last batch of 1-2 samples is a full-weight SGD step on
-    # them right before evaluation: on std-mnist it dents skewed clients' accuracy (bench/README.md).
+    # them right before evaluation: on std-mnist it dents skewed clients' accuracy (bench/results/std-mnist/README.md).
     drop_last: bool = False
 
 
@@ -382,12 +382,6 @@ def load_yaml(path: str | Path) -> DictConfig:
     return OmegaConf.merge(merged, raw)  # type: ignore[return-value]
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> FedkdConfig:
-    """YAML file + overrides -> validated FedkdConfig (method/strategy checked by `fedkd.registry`)."""
-    from fedkd import registry  # local import: registry imports this module
-
-    schema = OmegaConf.structured(FedkdConfig)
-    try:
 def experiments() -> dict[str, Path]:
     """The bundled experiments by name (`configs/experiment/<name>.yaml`, see `fedkd list`)."""
     return {p.stem: p for p in sorted((CONFIG_DIR / "experiment").glob("*.yaml"))}
@@ -405,6 +399,13 @@ def resolve_config(config: str | Path) -> Path:
                                              f"{suggest(str(config), known)}")
 
 
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> FedkdConfig:
+    """YAML file (or a bundled experiment's name) + overrides -> validated FedkdConfig
+    (method/strategy checked by `fedkd.registry`)."""
+    from fedkd import registry  # local import: registry imports this module
+
+    schema = OmegaConf.structured(FedkdConfig)
+    try:
         layers = [OmegaConf.load(CONFIG_DIR / "defaults.yaml")]
         if path is not None:
             layers.append(load_yaml(resolve_config(path)))
