@@ -174,7 +174,7 @@ STKD_FILES = ("6_cardio", "2_annthyroid", "24_mnist", "32_shuttle", "30_satellit
 def stkd() -> str:
     out = ["### stkd on the ADBench default suite (natural contamination)\n"]
     exp = "stkd-suite-v2"
-    runs = {(f, t): load(exp, f"datasetadbench{f}-{t}") for f in STKD_FILES for t in ("init", "warmup")}
+    runs = {(f, t): load(exp, f"adbench_{f}-{t}") for f in STKD_FILES for t in ("init", "warmup")}
     rows = []
     for (f, t), r in runs.items():
         teacher = ("frozen initial encoder (regulariser)" if t == "init"

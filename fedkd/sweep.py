@@ -50,8 +50,8 @@ def label_part(override: str) -> str:
         return leaf
     if value.lower() == "false":
         return f"no_{leaf}"
-    if re.fullmatch(r"[A-Za-z][\w.]*", value) and value.lower() not in ("null", "none"):
-        return value
+    if re.match(r"[A-Za-z]", value) and value.lower() not in ("null", "none"):
+        return re.sub(r"[^\w.+-]+", "_", value).strip("_")  # `adbench:6_cardio` -> adbench_6_cardio
     return leaf + re.sub(r"[^\w.+-]", "", value)
 
 

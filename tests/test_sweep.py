@@ -18,7 +18,7 @@ from test_report import make_run
     ("strategy.name=fedadam", "fedadam"), ("model.name=cnn_bn", "cnn_bn"),
     ("method.exclude_self=true", "exclude_self"), ("method.exclude_self=False", "no_exclude_self"),
     ("method.alpha=0.9", "alpha0.9"), ("train.rounds=1", "rounds1"), ("method.lam=1e-3", "lam1e-3"),
-    ("model.per_client=[cnn,mlp]", "per_clientcnnmlp"),
+    ("model.per_client=[cnn,mlp]", "per_clientcnnmlp"), ("data.dataset=adbench:6_cardio", "adbench_6_cardio"),
 ])
 def test_label_names_the_key_when_the_value_alone_is_ambiguous(override: str, part: str) -> None:
     assert label_part(override) == part
