@@ -20,7 +20,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/fedkd run configs/experiment/quickstart.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e and not slow"
