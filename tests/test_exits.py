@@ -68,8 +68,10 @@ def assert_session_ends(sid: int, timeout: float = 30) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
-                                                (signal.SIGTERM, 143, "terminated")])
+# both signals take the same handler (fedkd.engine.exit_on_signals); SIGINT is selectable with -m slow
+@pytest.mark.parametrize("signum, code, word", [
+    pytest.param(signal.SIGINT, 130, "interrupted", marks=pytest.mark.slow),
+    (signal.SIGTERM, 143, "terminated")])
 def test_signal_mid_run_writes_the_report_and_exits_cleanly(tmp_path: Path, signum: int,
                                                             code: int, word: str) -> None:
     run_dir = tmp_path / "run"

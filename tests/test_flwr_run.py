@@ -139,6 +139,7 @@ def test_unknown_run_config_key_fails_before_the_run(flwr_env: dict[str, str]) -
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # ~30 s: a whole `flwr run` up to the ServerApp's error; -m slow selects it
 def test_bad_value_is_one_line_in_the_log(flwr_env: dict[str, str]) -> None:
     """A bad value is only seen by the ServerApp: one line names it; flwr 1.42's `flwr run` still
     exits 0 for a failed app (README)."""
