@@ -37,7 +37,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -365,6 +365,27 @@ def targets(res: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def measure_cached(store: dict, results: dict, key: str, label: str, rounds: int, force: bool,
+                   out: Path, measure_one: Callable[[], dict]) -> dict | None:
+    """Measure one cell unless `results` holds it for these rounds; save `store` after each.
+
+    Returns the new figures; None when skipped or failed (a failure is printed and the other
+    cells still run: each is worth having). Shared with bench/scale.py.
+    """
+    if key in results and results[key].get("rounds") == rounds and not force:
+        print(f"skip {label}: already in {out}")
+        return None
+    print(f"run  {label} ...", flush=True)
+    try:
+        results[key] = measure_one()
+    except RuntimeError as exc:
+        print(f"     FAILED: {exc}", flush=True)
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(store, indent=1))
+    return results[key]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10,100,500,1000", help="client counts N, comma-separated")
@@ -388,17 +409,10 @@ def main() -> None:
     for n in sizes:
         for way in args.ways.split(","):
             key = f"{way}:{n}"
-            if key in results and results[key].get("rounds") == args.rounds and not args.force:
-                print(f"skip ({way}) {WAYS[way]} N={n}: already in {args.out}")
+            if measure_cached(store, results, key, f"({way}) {WAYS[way]} N={n}", args.rounds,
+                              args.force, args.out,
+                              lambda: measure(way, n, args.rounds, args.seed)) is None:
                 continue
-            print(f"run  ({way}) {WAYS[way]} N={n} ...", flush=True)
-            try:
-                results[key] = measure(way, n, args.rounds, args.seed)
-            except RuntimeError as exc:  # keep going: the other pairs are still worth measuring
-                print(f"     FAILED: {exc}", flush=True)
-                continue
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(store, indent=1))
             print(f"     wall {results[key]['wall_s']:.1f} s, acc {_f(results[key]['accuracy'], 4)}")
     print(f"\n{args.rounds} rounds; wall of (c) excludes report rendering (report_s in the JSON)\n")
     print(table(results, sizes) + "\n\n" + targets(results))

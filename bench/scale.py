@@ -219,23 +219,19 @@ def main() -> None:
         if args.overhead_sizes == "100,500,1000":
             args.overhead_sizes = ""  # bench/overhead.py on its own (it takes longer than the rest)
         args.nodes = min(args.nodes, 40)
+    sys.path.insert(0, str(BENCH))
+    from overhead import measure_cached
+
     store = json.loads(args.out.read_text()) if args.out.exists() else {}
     cells: dict[str, dict] = store.setdefault("cells", {})
     for pair in args.cells.split(","):
         population, cohort = map(int, pair.split(":"))
         key = f"{population}:{cohort}"
-        if key in cells and cells[key].get("rounds") == args.rounds and not args.force:
-            print(f"skip {key}: already in {args.out}")
+        c = measure_cached(store, cells, key, f"population {population:,}, cohort {cohort:,}",
+                           args.rounds, args.force, args.out,
+                           lambda: measure(population, cohort, args.rounds, args.seed))
+        if c is None:
             continue
-        print(f"run  population {population:,}, cohort {cohort:,} ...", flush=True)
-        try:
-            cells[key] = measure(population, cohort, args.rounds, args.seed)
-        except RuntimeError as exc:
-            print(f"     FAILED: {exc}", flush=True)
-            continue
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(store, indent=1))
-        c = cells[key]
         print(f"     set-up {c['setup_s']:.1f} s (+ Ray {c['ray_start_s']:.1f} s), "
               f"s/round {_f(c['s_per_round'], 2)}, report {c['report_s']:.1f} s, "
               f"peak PSS {c['peak_pss_mib']:,.0f} MiB", flush=True)
