@@ -91,9 +91,13 @@ def plan_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], ou
 def result_rows(out: Path, first: Sequence[str] = ()) -> list[dict]:
     """Every result under OUT as table rows (`first` labels first, then the others by name), so
     several sweeps into one setting directory (other models, variants) add up to one table."""
-    labels = list(dict.fromkeys([*first, *sorted(p.parent.name for p in out.glob("*/seed*.json"))]))
-    return [{"run": lab, **json.loads(p.read_text())} for lab in labels
+    return [{"run": lab, **json.loads(p.read_text())} for lab in result_labels(out, first)
             for p in sorted((out / lab).glob("seed*.json"), key=lambda p: _seed_of(p))]
+
+
+def result_labels(out: Path, first: Sequence[str] = ()) -> list[str]:
+    """The run labels `first`, then those with a result under OUT by name (no file read)."""
+    return list(dict.fromkeys([*first, *sorted(p.parent.name for p in out.glob("*/seed*.json"))]))
 
 
 def _seed_of(path: Path) -> int:
@@ -117,7 +121,7 @@ def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out
 
     plans = plan_sweep(config, grid, seeds, out, variant, fixed)
     planned = list(dict.fromkeys(p.label for p in plans))
-    check_against(against, list(dict.fromkeys([*planned, *(r["run"] for r in result_rows(out))])))
+    check_against(against, result_labels(out, planned))
     todo = [p for p in plans if not p.result(out).exists()]
     with ray_cluster.warm_ray(enabled=bool(todo)) as address:
         for plan in todo:
