@@ -143,13 +143,15 @@ def per_factor(partition: dict, evals: Sequence[dict]) -> dict[str, dict]:
     return {f: round_stats(rs) for f, rs in sorted(groups.items(), key=lambda kv: int(kv[0][1:]))}
 
 
-def summarize(run_dir: Path) -> dict:
-    """The content of summary.json (see module docstring for the headline protocol)."""
+def summarize(run_dir: Path, records: Sequence[dict] | None = None) -> dict:
+    """The content of summary.json (see module docstring for the headline protocol);
+    `records`: metrics.jsonl already read (`write_outputs` reads it once)."""
     run_dir = Path(run_dir)
     cfg, run = _config(run_dir), _json(run_dir / "run.json") or {}
     status = run_status(run_dir) if run else "unknown (no run.json)"
     partition = _json(run_dir / "partition.json") or {}
-    records = read_metrics(run_dir / "metrics.jsonl")
+    if records is None:
+        records = read_metrics(run_dir / "metrics.jsonl")
     evals = _ok_evals(records)
     per_round = [{"round": rnd, **round_stats(list(evals[rnd].values()))} for rnd in sorted(evals)]
     last = per_round[-1] if per_round else {}
@@ -209,13 +211,15 @@ def summarize(run_dir: Path) -> dict:
     }
 
 
-def client_rows(run_dir: Path) -> list[dict]:
-    """Final per-client rows (clients.csv), sorted by partition id."""
+def client_rows(run_dir: Path, records: Sequence[dict] | None = None) -> list[dict]:
+    """Final per-client rows (clients.csv), sorted by partition id (`records` as in `summarize`)."""
     run_dir = Path(run_dir)
     counts = {c["partition_id"]: c for c in (_json(run_dir / "partition.json") or {}).get("clients", [])}
     run = _json(run_dir / "run.json") or {}
     by_pid: dict[Any, list[dict]] = defaultdict(list)
-    for r in read_metrics(run_dir / "metrics.jsonl"):
+    if records is None:
+        records = read_metrics(run_dir / "metrics.jsonl")
+    for r in records:
         if r["phase"] in ("train", "evaluate") and r.get("partition_id") is not None:
             by_pid[r["partition_id"]].append(r)
     rows = []
@@ -246,7 +250,8 @@ def write_outputs(run_dir: Path) -> dict:
     from fedkd.report_page import captions as figure_captions, page
 
     run_dir = Path(run_dir)
-    s, rows = summarize(run_dir), client_rows(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    s, rows = summarize(run_dir, records), client_rows(run_dir, records)
     (run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     with open(run_dir / "clients.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CLIENT_FIELDS)
@@ -260,7 +265,7 @@ def write_outputs(run_dir: Path) -> dict:
         plots.client_accuracy(rows, run_dir / "client_accuracy.png", s["accuracy"], s["accuracy_unweighted"])
     if partition.get("clients"):
         plots.label_distribution(partition, run_dir / "label_distribution.png", s["seed"] or 0)
-    blocks = page(s, rows, captions, failures(read_metrics(run_dir / "metrics.jsonl")))
+    blocks = page(s, rows, captions, failures(records))
     (run_dir / "report.md").write_text(to_markdown(blocks))
     (run_dir / "report.html").write_text(to_html(blocks, run_dir, f"fedkd report: {s['experiment']}"))
     return s
