@@ -143,6 +143,23 @@ def per_factor(partition: dict, evals: Sequence[dict]) -> dict[str, dict]:
     return {f: round_stats(rs) for f, rs in sorted(groups.items(), key=lambda kv: int(kv[0][1:]))}
 
 
+def before_after_gains(trained: Sequence[dict]) -> dict[str, float]:
+    """Mean over clients and rounds of `post-X` − `pre-X` for each pair a method logs while
+    training, as "post-minus-pre-X": PSE's excitation diagnostic (pse.md §c.4b; a clearly
+    negative value means the step damages the model the personalized epoch must repair)."""
+    diffs: dict[str, list[float]] = defaultdict(list)
+    for r in trained:
+        for k, pre in r.items():
+            post = r.get("post-" + k.removeprefix("pre-"))
+            if k.startswith("pre-") and _number(pre) and _number(post):
+                diffs["post-minus-pre-" + k.removeprefix("pre-")].append(post - pre)
+    return {k: statistics.fmean(v) for k, v in sorted(diffs.items())}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def summarize(run_dir: Path, records: Sequence[dict] | None = None) -> dict:
     """The content of summary.json (see module docstring for the headline protocol);
     `records`: metrics.jsonl already read (`write_outputs` reads it once)."""
@@ -169,8 +186,7 @@ def summarize(run_dir: Path, records: Sequence[dict] | None = None) -> dict:
     # what a method logs beside its headline (Ditto's "global_accuracy", KD's "baseline_accuracy")
     standard = {"round", "phase", "partition_id", "status", "num_examples", "loss", "accuracy",
                 "seconds", "bytes_received", "bytes_sent", "worker_pid", "error"}
-    extra = sorted({k for r in last_evals for k, v in r.items()
-                    if k not in standard and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    extra = sorted({k for r in last_evals for k, v in r.items() if k not in standard and _number(v)})
     return {
         "experiment": _get(cfg, "experiment.name"), "method": _get(cfg, "method.name"),
         "strategy": _get(cfg, "strategy.name"), "dataset": _get(cfg, "data.dataset"),
@@ -188,7 +204,8 @@ def summarize(run_dir: Path, records: Sequence[dict] | None = None) -> dict:
         "per_model": ({m: round_stats(rs) for m, rs in sorted(by_model.items())} if len(by_model) > 1 else {}),
         "per_factor": per_factor(partition, last_evals),
         "extra_metrics": {k: round_stats([{**r, "accuracy": r[k]} for r in last_evals
-                                          if r.get(k) is not None])["accuracy"] for k in extra},
+                                          if r.get(k) is not None])["accuracy"] for k in extra}
+        | before_after_gains(trained),
         "bytes_sent_per_client_round": (statistics.fmean(r.get("bytes_sent") or 0 for r in trained)
                                         if trained else None),
         "failures": len(failed),

@@ -182,3 +182,19 @@ def test_sweep_table_gives_the_per_architecture_headline_over_seeds(run: Path) -
     assert "per client architecture" in md
     assert "| architecture | mh |" in md  # runs without a breakdown get no column
     assert "| cnn | 0.7500 ± 0.0707 |" in md and "| mlp | 0.9000 ± 0.0000 |" in md
+
+
+def test_before_after_pairs_become_their_mean_difference_over_clients_and_rounds(tmp_path: Path) -> None:
+    """PSE's excitation diagnostic (pse.md §c.4b): every PSE row reports the mean over clients
+    and rounds of post − pre excitation accuracy; a failed or unpaired record does not count."""
+    extra = [_rec(4, "train", 0, 0.9, **{"pre-excitation-accuracy": 0.50, "post-excitation-accuracy": 0.40,
+                                          "pre-excitation-local-accuracy": 0.6, "post-excitation-local-accuracy": 0.6}),
+             _rec(4, "train", 1, 0.9, **{"pre-excitation-accuracy": 0.70, "post-excitation-accuracy": 0.75}),
+             _rec(5, "train", 2, 0.9, **{"pre-excitation-accuracy": 0.20}),  # no post: unpaired
+             _rec(5, "train", 0, None, "failed", **{"pre-excitation-accuracy": 0.0,
+                                                    "post-excitation-accuracy": 1.0})]
+    s = summarize(make_run(tmp_path / "pse", extra=extra))
+    assert s["extra_metrics"]["post-minus-pre-excitation-accuracy"] == pytest.approx((-0.10 + 0.05) / 2)
+    assert s["extra_metrics"]["post-minus-pre-excitation-local-accuracy"] == pytest.approx(0.0)
+    md = sweep_table([{"run": "pse", **s}])
+    assert "| post-minus-pre-excitation-accuracy | -0.0250 |" in md
