@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fedkd.config import ConfigError, DataConfig, PartitionerConfig, TransformConfig, check_choice, data_dir
+from fedkd.partition_cache import cached_partition
 from fedkd.partitioners import check_balance, scarce_draw
 from fedkd.safe_npz import load_npz
 from fedkd.transforms import check_resolution, degrade_resolution, resolution_factor
@@ -308,11 +309,20 @@ def _partitioned(cfg: DataConfig, x: np.ndarray, y: np.ndarray, seed: int, globa
     try:
         if cfg.num_clients > len(y):  # fail fast: IidPartitioner would build thousands of partitions first
             raise ValueError(f"{cfg.num_clients} clients > {len(y)} samples")
-        parts = partition_indices(y, make_partitioner(cfg, seed), seed)
+        # a run's Ray workers read the driver's partition instead of importing flwr_datasets
+        parts = cached_partition(y, _partition_settings(cfg), seed,
+                                 lambda: partition_indices(y, make_partitioner(cfg, seed), seed))
     except (ValueError, IndexError, ZeroDivisionError) as exc:
         raise _partition_error(cfg, exc) from exc
     return _federated(cfg.dataset, [_split(x[i], y[i], cfg.test_fraction, seed + c) for c, i in enumerate(parts)],
                       global_test)
+
+
+def _partition_settings(cfg: DataConfig) -> str:
+    """Every setting a flwr-datasets partition depends on, for `cached_partition`'s key."""
+    p = cfg.partitioner
+    return (f"{p.name} clients={cfg.num_clients} alpha={float(p.alpha)} min={p.min_partition_size} "
+            f"classes={p.classes_per_client} shards={p.shards_per_client}")
 
 
 def _federated(name: str, clients: list[ClientSplit], global_test: Any) -> FederatedData:
