@@ -4,7 +4,12 @@
 - `global.safetensors`: the server's final model, for methods that have one (`global_model`);
 - `client-<pid>.safetensors`: for methods whose clients evaluate a model of their own, the whole
   `state_dict` of that client's `inference_model` (the module its `evaluate` scores, frozen and
-  auxiliary parts included, e.g. PSE's global copy and attention);
+  auxiliary parts included, e.g. PSE's global copy and attention), for each client that holds
+  state (it trained);
+- `server.safetensors`: for those methods, the server's final arrays: a client without state
+  evaluates the model its `inference_model` builds from them and the seeded initialization,
+  and is rebuilt the same way (its index entry has `"file": null`), so a population of 100,000
+  clients of which a few hundred trained writes a few hundred files, not 100,000;
 - `index.json`: method, architectures, files, the modules' non-tensor state and how to rebuild.
 
 `load_model` rebuilds the method's client algorithm from the run's `config.yaml`, asks it for the
@@ -36,6 +41,7 @@ FORMAT = "fedkd-model/1"
 MODEL_DIR = "model"
 INDEX = "index.json"
 GLOBAL_FILE = "global.safetensors"
+SERVER_FILE = "server.safetensors"
 CPU = torch.device("cpu")
 
 
@@ -104,12 +110,20 @@ def save_model(run_dir: str | Path, cfg: FedkdConfig, global_arrays: Arrays | Ar
         global_entry = _entry(GLOBAL_FILE, global_module, tensors, extra)
     clients: dict[str, Any] = {}
     store = ClientStateStore(run_dir / "state")
+    own_models = not (kind.evaluates == "global" and global_entry is not None)
+    if own_models and arrays:
+        save_file({k: v.contiguous().clone() for k, v in arrays.items()}, str(tmp / SERVER_FILE),
+                  metadata=meta)
     for pid in range(len(data.clients)):
         model_name = algorithm.model_name(pid) if kind.uses_model_config else None
-        if kind.evaluates == "global" and global_entry is not None:
+        if not own_models:
             clients[str(pid)] = {"file": GLOBAL_FILE, "model_name": model_name}
             continue
-        module = algorithm.inference_model(arrays, store.load(pid), pid, final_round)
+        state = store.load(pid)
+        if not state:  # rebuilt from server.safetensors by load_model, as its evaluate built it
+            clients[str(pid)] = {"file": None, "model_name": model_name}
+            continue
+        module = algorithm.inference_model(arrays, state, pid, final_round)
         tensors, extra = _split_state(module)
         save_file(tensors, str(tmp / client_file(pid)), metadata=meta)
         clients[str(pid)] = _entry(client_file(pid), module, tensors, extra, model_name=model_name)
@@ -164,6 +178,10 @@ def load_model(run_dir: str | Path, client: int | None = None) -> nn.Module:
         if isinstance(client, bool) or not isinstance(client, int) or str(client) not in clients:
             raise ValueError(f"client={client!r}: {run_dir} has clients 0..{len(clients) - 1}")
         entry = clients[str(client)]
+        if entry["file"] is None:  # a client without state: built as its evaluate built it
+            server = folder / SERVER_FILE
+            arrays = _read_tensors(server) if server.exists() else {}
+            return algorithm.inference_model(arrays, {}, client, int(index["round"])).to(CPU).eval()
         # file names are fixed by the partition id, never taken from the index
         file = GLOBAL_FILE if entry["file"] == GLOBAL_FILE else client_file(client)
         if entry["file"] != file:

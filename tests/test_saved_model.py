@@ -33,7 +33,7 @@ from fedkd.testing import InProcessGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "configs" / "experiment"
-#: 4 clients, 2 of them trained: every client's model is saved, trained or not
+#: 4 clients, 2 of them trained: every client's model is kept, trained (a file) or not (rebuilt)
 FEDERATED = ["data.num_clients=4", "train.fraction_clients=0.5", "train.rounds=1",
              "evaluation.every=1"]
 #: method -> (experiment file, overrides): the smallest run that ends with the method's final model
@@ -183,6 +183,11 @@ def test_saved_model_reproduces_each_clients_last_recorded_score(tmp_path: Path,
     # nothing but safetensors files and the JSON index
     assert all(p.suffix == ".safetensors" or p.name == "index.json"
                for p in (tmp_path / MODEL_DIR).iterdir())
+    # a client has a file of its own exactly when it holds state; the others are rebuilt from
+    # server.safetensors (a population of 100,000 does not write 100,000 files)
+    own = {p: e["file"] for p, e in index["clients"].items() if e["file"] != GLOBAL_FILE}
+    assert ({p for p, f in own.items() if f is not None}
+            == {p for p in own if (tmp_path / "state" / f"{p}.pt").exists()})
     records = last_records(tmp_path)
     assert sorted(records) == list(range(cfg.data.num_clients))
     runtime = runtime_for(to_yaml(cfg), str(tmp_path / "state"))  # the run's own (cached)
@@ -220,17 +225,22 @@ class _Planted:
 def test_a_planted_pickle_under_model_is_never_loaded(tmp_path: Path) -> None:
     run = tmp_path / "run"
     in_process_run(run, "quickstart.yaml", ["method.name=local", "model.name=mlp", *FEDERATED])
-    last = str(len(json.loads((run / MODEL_DIR / "index.json").read_text())["clients"]) - 1)
+    clients = json.loads((run / MODEL_DIR / "index.json").read_text())["clients"]
+    last = str(len(clients) - 1)
+    trained = next(int(p) for p, e in clients.items() if e["file"])
+    untrained = next(int(p) for p, e in clients.items() if e["file"] is None)
     folder, marker = run / MODEL_DIR, tmp_path / "unpickled"
     payload = pickle.dumps(_Planted(marker))
     assert fedkd.load_model(run, client=1) is not None
-    # a pickle (and a torch file, a zip of pickles) in place of a client's safetensors file
-    (folder / "client-0.safetensors").write_bytes(payload)
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
-        fedkd.load_model(run, client=0)
-    torch.save({"w": _Planted(marker)}, folder / "client-0.safetensors")
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
-        fedkd.load_model(run, client=0)
+    # a pickle (and a torch file, a zip of pickles) in place of a client's safetensors file, or
+    # of the server's arrays an untrained client is rebuilt from
+    for pid, file in ((trained, f"client-{trained}.safetensors"), (untrained, "server.safetensors")):
+        (folder / file).write_bytes(payload)
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            fedkd.load_model(run, client=pid)
+        torch.save({"w": _Planted(marker)}, folder / file)
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            fedkd.load_model(run, client=pid)
     # an index naming a pickle (or a file outside model/) is refused before anything is opened
     (folder / "client-1.pt").write_bytes(payload)
     index = json.loads((folder / "index.json").read_text())
