@@ -5,11 +5,14 @@
 # Cheapest first; `fedkd sweep` skips results that exist (and resumes unfinished runs), so a
 # cut-off queue resumes where it stopped.
 #
-# Usage: bench/centralized.sh [v1|v2|all]   (default all: v1 results exist, so it runs v2; FEDKD_DATA_DIR must point at the shared data)
+# Usage: bench/centralized.sh [v1|v2|v2-grid|all]   (default all: v1 results exist, so it runs v2
+#        and v2-grid; FEDKD_DATA_DIR must point at the shared data)
 #   v1: the v1 experiments (their configs pin the v1 values; results in bench/results/<experiment>/)
 #   v2: issue 24's v2 runs (centralized.md "(v2)"), results in bench/results/<experiment>-v2/:
-#       seed 0 of every method first, then seeds 1 and 2, then kd's T x alpha grid. One run at a
-#       time (a lock serialises two invocations); prefix with `nice -n 19` beside other benchmarks.
+#       seed 0 of every method first, then seeds 1 and 2 (about 5 hours in all)
+#   v2-grid: kd's T x alpha table with the v2 teacher, 3 seeds (36 runs, about 9 hours; kept apart
+#       so that the protocol-v2 sweeps can run between the seed passes and the grid)
+# One run at a time (a lock serialises two invocations); prefix with `nice -n 19` beside other benchmarks.
 set -u
 FEDKD=${FEDKD:-.venv/bin/fedkd}
 WHICH=${1:-all}
@@ -58,6 +61,9 @@ v2_pass() {  # v2_pass SEEDS: every v2 experiment on SEEDS; every method once be
 v2() {
   v2_pass 0
   v2_pass 0,1,2
+}
+
+v2_grid() {
   for size in kd-mnist5k-v2 kd-mnist5k-s100-v2; do  # the T x alpha table with the v2 teacher
     sweep "configs/experiment/$size.yaml" "bench/results/$size-grid" 0,1,2 \
         method.temperature=1,2,4 method.alpha=0.5,0.9
@@ -69,6 +75,7 @@ flock 9
 case "$WHICH" in
   v1) v1 ;;
   v2) v2 ;;
-  all) v1; v2 ;;
-  *) echo "usage: $0 [v1|v2|all]" >&2; exit 2 ;;
+  v2-grid) v2_grid ;;
+  all) v1; v2; v2_grid ;;
+  *) echo "usage: $0 [v1|v2|v2-grid|all]" >&2; exit 2 ;;
 esac
