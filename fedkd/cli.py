@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from fedkd.config import FedkdConfig
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one-line messages: a log file gets them whole
 
 
 class UsageError(Exception):

@@ -24,7 +24,7 @@ from rich.console import Console
 from fedkd.config import ConfigError, FedkdConfig, load_config, suggest
 from fedkd.report import HEADLINE, to_markdown
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one-line messages: a log file gets them whole
 #: the protocol's two headline numbers: summary.json key -> column title
 HEADLINES = {"accuracy": "last round", "accuracy_last3": "mean of last 3 evaluations"}
 

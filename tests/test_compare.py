@@ -38,7 +38,11 @@ def test_same_config_falls_back_to_directory_names(tmp_path: Path) -> None:
     assert "x/run" in table and "same config" in table
 
 
-def test_cli_compare_can_be_rerun_on_a_glob(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_compare_can_be_rerun_on_a_glob(runs: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedkd import cli
+
+    monkeypatch.setattr(cli.err, "width", 40)  # a narrow or unknown width must not break a message's line
     cwd = os.getcwd()
     os.chdir(runs.parent)
     try:
