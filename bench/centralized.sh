@@ -13,6 +13,7 @@
 #   v2-grid: kd's T x alpha table with the v2 teacher, 3 seeds (36 runs, about 9 hours; kept apart
 #       so that the protocol-v2 sweeps can run between the seed passes and the grid)
 # One run at a time (a lock serialises two invocations); prefix with `nice -n 19` beside other benchmarks.
+# DRY_RUN=1 bench/centralized.sh all: every sweep's plan (labels, seeds done and to run), nothing run.
 set -u
 FEDKD=${FEDKD:-.venv/bin/fedkd}
 WHICH=${1:-all}
@@ -23,8 +24,9 @@ sweep() {  # sweep CONFIG OUT SEEDS [grid/overrides...]: skip a config that does
   shift 3
   [ -f "$config" ] || { echo "skip (no config yet): $config" >&2; return 0; }
   for try in 1 2 3; do
-    "$FEDKD" sweep "$config" "$@" --seeds "$seeds" --out "$out" --quiet && return 0
+    "$FEDKD" sweep "$config" "$@" --seeds "$seeds" --out "$out" --quiet ${DRY_RUN:+--dry-run} && return 0
     echo "sweep failed (try $try): $config $* seeds $seeds" >&2
+    [ -z "${DRY_RUN:-}" ] || return 1
     sleep 30
   done
 }
@@ -70,8 +72,10 @@ v2_grid() {
   done
 }
 
-exec 9>"${TMPDIR:-/tmp}/fedkd-centralized-bench.lock"
-flock 9
+if [ -z "${DRY_RUN:-}" ]; then  # DRY_RUN=1: validate every sweep and print its plan, run nothing
+  exec 9>"${TMPDIR:-/tmp}/fedkd-centralized-bench.lock"
+  flock 9
+fi
 case "$WHICH" in
   v1) v1 ;;
   v2) v2 ;;

@@ -6,13 +6,14 @@
 # where it stopped; one sweep failing does not stop the others. Every sweep of a setting rewrites
 # its sweep.md with the paired verdicts against local training and FedAvg.
 # Usage: bench/protocol-v2.sh [SETTING ...]   (default: all; FEDKD_DATA_DIR must point at the
-#        shared data, the Makefile sets it; SEEDS=0 for a tier-2 pass)
+#        shared data, the Makefile sets it; SEEDS=0 for a tier-2 pass; DRY_RUN=1 validates every
+#        sweep and prints its plan, running nothing)
 set -u
 FEDKD=${FEDKD:-.venv/bin/fedkd}
 SEEDS=${SEEDS:-0,1,2}
 E=configs/experiment
 R=bench/results
-sweep() { nice -n 19 "$FEDKD" sweep "$@" --seeds "$SEEDS" --quiet || echo "sweep failed: $*" >&2; }
+sweep() { nice -n 19 "$FEDKD" sweep "$@" --seeds "$SEEDS" --quiet ${DRY_RUN:+--dry-run} || echo "sweep failed: $*" >&2; }
 
 cifar10-long() {  # PSE v2 = alpha_max 0.2 (pse.md k); tier 1: no v1-defaults row, no resnet8 ablations
   local out=$R/cifar10-long

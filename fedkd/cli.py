@@ -91,13 +91,17 @@ def _dry_run(cfg: "FedkdConfig") -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedkd.sweep import run_sweep
+    from fedkd.sweep import describe_sweep, run_sweep
 
     if args.set and not args.variant:  # else the labels, and so the skip-existing check, collide
         raise UsageError(f"--set {' '.join(args.set)} changes every run of the sweep: name it "
                          f"with --variant, e.g. --variant attention_only")
     out = Path(args.out)
     against = [a for a in (args.against or "").split(",") if a]
+    if args.dry_run:
+        print(describe_sweep(args.config, args.grid, [int(s) for s in args.seeds.split(",")], out,
+                             variant=args.variant, fixed=args.set, against=against))
+        return 0
     print(run_sweep(args.config, args.grid, [int(s) for s in args.seeds.split(",")], out,
                     variant=args.variant, fixed=args.set, against=against, quiet=args.quiet))
     console.print(f"table of all results in {out}: {out / 'sweep.md'}")
@@ -202,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated reference labels (e.g. local,fedavg): every other label "
                         "paired by seed against each, with the benchmark protocol's verdict")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate every run's config and print the labels, the seeds done and "
+                        "those to run; run nothing")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("list", help="bundled experiments, methods, strategies, models, datasets")
     p.set_defaults(fn=cmd_list)

@@ -111,6 +111,28 @@ def check_against(against: Sequence[str], labels: Sequence[str]) -> None:
             raise ConfigError("--against", ref, "a run label of this sweep's table; " + suggest(ref, labels))
 
 
+def describe_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out: Path,
+                   variant: str | None = None, fixed: Sequence[str] = (),
+                   against: Sequence[str] = ()) -> str:
+    """What `run_sweep` would do, validated the same way, running nothing: one line per label
+    (seeds with a result, seeds to run) and one per reference label that has no result in OUT
+    yet, which an earlier sweep into OUT must make (a bench script's first line, for example)."""
+    from fedkd.rundir import RUN_INFO
+
+    plans = plan_sweep(config, grid, seeds, out, variant, fixed)
+    lines = []
+    for label in dict.fromkeys(p.label for p in plans):
+        mine = [p for p in plans if p.label == label]
+        done = [p.seed for p in mine if p.result(out).exists()]
+        todo = [f"{p.seed}" + (" (resumes)" if (out / label / f"seed{p.seed}" / RUN_INFO).exists() else "")
+                for p in mine if not p.result(out).exists()]
+        lines.append(f"plan {out} {label}: {mine[0].cfg.train.rounds} rounds; "
+                     f"done {','.join(map(str, done)) or '-'}; to run {', '.join(todo) or '-'}")
+    known = result_labels(out, [p.label for p in plans])
+    lines += [f"reference {out} {ref}: no result yet" for ref in against if ref not in known]
+    return "\n".join(lines)
+
+
 def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out: Path,
               variant: str | None = None, fixed: Sequence[str] = (), against: Sequence[str] = (),
               quiet: bool = False) -> str:

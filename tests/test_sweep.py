@@ -156,3 +156,25 @@ def test_partition_records_the_client_resolution_factor() -> None:
     cfg = load_config(root / "resolution-shift.yaml")
     assert [client_transform(cfg, k)["resolution_factor"] for k in range(8)] == [1, 2, 4, 8, 2, 4, 8, 1]
     assert client_transform(load_config(root / "quickstart.yaml"), 0) == {}
+
+
+def test_dry_run_plans_validates_and_runs_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedkd.cli import main
+    from fedkd.rundir import RUN_INFO
+
+    out = tmp_path / "out"
+    (out / "fedavg-rounds1").mkdir(parents=True)
+    (out / "fedavg-rounds1" / "seed0.json").write_text("{}")  # a result: skipped
+    (out / "fedprox-rounds1" / "seed1").mkdir(parents=True)
+    (out / "fedprox-rounds1" / "seed1" / RUN_INFO).write_text("{}")  # an unfinished run: resumed
+    args = ["sweep", "quickstart", "strategy.name=fedavg,fedprox", "train.rounds=1", "--seeds", "0,1",
+            "--out", str(out), "--against", "local,fedavg-rounds1", "--dry-run"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"plan {out} fedavg-rounds1: 1 rounds; done 0; to run 1",
+                     f"plan {out} fedprox-rounds1: 1 rounds; done -; to run 0, 1 (resumes)",
+                     f"reference {out} local: no result yet"]
+    assert sorted(p.name for p in out.iterdir()) == ["fedavg-rounds1", "fedprox-rounds1"]  # nothing written
+    assert not (out / "sweep.md").exists()
+    assert main([*args[:3], "strategy.name=fedavgg", *args[4:]]) == 2  # validated like a real sweep
+    assert "did you mean 'fedavg'" in capsys.readouterr().err
