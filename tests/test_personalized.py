@@ -30,7 +30,8 @@ from fedkd.testing import InProcessGrid, weighted_mean_expected
 from fedkd.wire import client_arrays_key
 from tests.test_clients import config, tiny_data
 
-SMALL = ["data.num_clients=10", "train.fraction_clients=0.4", "train.rounds=2", "train.lr=0.05"]
+SMALL = ["data.num_clients=10", "train.fraction_clients=0.4", "train.rounds=2", "train.lr=0.05",
+         "train.batch_size=50"]  # a few steps per client: what is audited is which arrays travel
 #: method -> model it is audited on (FedBN needs BatchNorm layers to keep)
 AUDITED = {"fedavg": "mlp", "fedprox": "mlp", "local": "mlp", "fedper": "mlp", "fedrep": "mlp",
            "lgfedavg": "mlp", "fedbn": "cnn_bn", "ditto": "mlp"}
