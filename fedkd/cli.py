@@ -98,11 +98,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                          f"with --variant, e.g. --variant attention_only")
     out = Path(args.out)
     against = [a for a in (args.against or "").split(",") if a]
+    seeds = [int(s) for s in args.seeds.split(",")]
     if args.dry_run:
-        print(describe_sweep(args.config, args.grid, [int(s) for s in args.seeds.split(",")], out,
+        print(describe_sweep(args.config, args.grid, seeds, out,
                              variant=args.variant, fixed=args.set, against=against))
         return 0
-    print(run_sweep(args.config, args.grid, [int(s) for s in args.seeds.split(",")], out,
+    print(run_sweep(args.config, args.grid, seeds, out,
                     variant=args.variant, fixed=args.set, against=against, quiet=args.quiet))
     console.print(f"table of all results in {out}: {out / 'sweep.md'}")
     return 0

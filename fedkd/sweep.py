@@ -75,6 +75,9 @@ class PlannedRun:
     def result(self, out: Path) -> Path:
         return out / self.label / f"seed{self.seed}.json"
 
+    def run_dir(self, out: Path) -> Path:
+        return out / self.label / f"seed{self.seed}"
+
 
 def plan_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out: Path,
                variant: str | None = None, fixed: Sequence[str] = ()) -> list[PlannedRun]:
@@ -124,7 +127,7 @@ def describe_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int]
     for label in dict.fromkeys(p.label for p in plans):
         mine = [p for p in plans if p.label == label]
         done = [p.seed for p in mine if p.result(out).exists()]
-        todo = [f"{p.seed}" + (" (resumes)" if (out / label / f"seed{p.seed}" / RUN_INFO).exists() else "")
+        todo = [f"{p.seed}" + (" (resumes)" if (p.run_dir(out) / RUN_INFO).exists() else "")
                 for p in mine if not p.result(out).exists()]
         lines.append(f"plan {out} {label}: {mine[0].cfg.train.rounds} rounds; "
                      f"done {','.join(map(str, done)) or '-'}; to run {', '.join(todo) or '-'}")
@@ -150,7 +153,7 @@ def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out
             if address:
                 plan.cfg.simulation.ray_address = address
             err.print(f"[bold]{plan.label} seed {plan.seed}[/]")
-            run_dir = out / plan.label / f"seed{plan.seed}"
+            run_dir = plan.run_dir(out)
             if (run_dir / RUN_INFO).exists():  # an earlier sweep's run: continue it
                 if run_status(run_dir) not in FINISHED:
                     simulation.resume_experiment(run_dir, quiet=quiet, ray_address=address or "")
