@@ -18,6 +18,8 @@ import statistics
 from pathlib import Path
 from typing import Callable, Iterable
 
+from fedkd.sweep import Paired
+
 RESULTS = Path(__file__).resolve().parent / "results"
 Runs = dict[int, dict[str, float]]  # seed -> metrics (headline "accuracy" + method-reported)
 
@@ -63,17 +65,16 @@ def mean_std(xs: dict[int, float], digits: int = 4) -> str:
 
 
 def paired(a: dict[int, float], b: dict[int, float], digits: int = 4) -> tuple[str, str]:
-    """(figure, verdict) of A - B paired by seed: 'd ± sd, signs' and beats / tie / fails."""
+    """(figure, verdict) of A - B paired by seed: 'd ± sd, signs' and beats / tie / fails
+    (the rule is `fedkd sweep`'s; the spec's must-beat says 'fails' where sweep says 'loses')."""
     seeds = sorted(s for s in a if s in b and not math.isnan(a[s]) and not math.isnan(b[s]))
-    d = [a[s] - b[s] for s in seeds]
-    if not d:
+    if not seeds:
         return "—", "no runs"
-    signs = " ".join("+" if x > 0 else ("−" if x < 0 else "0") for x in d)
-    if len(d) == 1:
-        return f"{d[0]:+.{digits}f} (seed {seeds[0]} only)", "open (1 seed)"
-    m, sd = statistics.mean(d), statistics.stdev(d)
-    verdict = "tie" if abs(m) < sd else ("beats" if m > 0 else "fails")
-    return f"{m:+.{digits}f} ± {sd:.{digits}f}, {signs} (seeds {','.join(map(str, seeds))})", verdict
+    p = Paired({s: a[s] - b[s] for s in seeds})
+    if p.std is None:
+        return f"{p.mean:+.{digits}f} (seed {seeds[0]} only)", "open (1 seed)"
+    verdict = "fails" if p.verdict == "loses" else p.verdict
+    return f"{p.mean:+.{digits}f} ± {p.std:.{digits}f}, {p.signs} (seeds {','.join(map(str, seeds))})", verdict
 
 
 def seeds_of(*runs: Runs) -> str:

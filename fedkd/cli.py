@@ -8,15 +8,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from rich.console import Console
-
 from fedkd.config import ConfigError, load_config
+from fedkd.console import err
+from fedkd.console import out as console
 
 if TYPE_CHECKING:
     from fedkd.config import FedkdConfig
-
-console = Console()
-err = Console(stderr=True, soft_wrap=True)  # one-line messages: a log file gets them whole
 
 
 class UsageError(Exception):

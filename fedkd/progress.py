@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedkd.console import err
 
 
 class RunProgress:
@@ -14,8 +15,7 @@ class RunProgress:
     def __init__(self, rounds: int, disabled: bool = False) -> None:
         self.rounds = rounds
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=Console(stderr=True),
-                                 disable=disabled, transient=False)
+                                 TimeElapsedColumn(), console=err, disable=disabled, transient=False)
         self.round_task = self.progress.add_task("rounds", total=rounds)
         self.client_task = self.progress.add_task("clients", total=1)
 

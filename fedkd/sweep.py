@@ -19,12 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from rich.console import Console
-
 from fedkd.config import ConfigError, FedkdConfig, load_config, suggest
+from fedkd.console import err
 from fedkd.report import HEADLINE, to_markdown
 
-err = Console(stderr=True, soft_wrap=True)  # one-line messages: a log file gets them whole
 #: the protocol's two headline numbers: summary.json key -> column title
 HEADLINES = {"accuracy": "last round", "accuracy_last3": "mean of last 3 evaluations"}
 
@@ -259,11 +257,15 @@ class Paired:
             return "tie"
         return "beats" if self.mean > 0 else "loses"
 
+    @property
+    def signs(self) -> str:
+        """The sign of each seed's difference, in seed order: '+ + −'."""
+        return " ".join("+" if d > 0 else "−" if d < 0 else "0" for d in self.diffs.values())
+
     def cell(self) -> str:
         """'+0.42 ± 0.31 (+ + −)' in accuracy points (×100)."""
-        signs = " ".join("+" if d > 0 else "−" if d < 0 else "0" for d in self.diffs.values())
         spread = f" ± {100 * self.std:.2f}" if self.std is not None else ""
-        return f"{100 * self.mean:+.2f}{spread} ({signs})"
+        return f"{100 * self.mean:+.2f}{spread} ({self.signs})"
 
 
 def paired(a: Sequence[dict], b: Sequence[dict], key: str) -> Paired | None:
