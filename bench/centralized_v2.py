@@ -119,7 +119,9 @@ def kd() -> str:
         for t in ("1", "2", "4"):
             cells = []
             for a in ("0.5", "0.9"):
-                runs = load(exp, f"temperature{t}-alpha{a}") or load(exp, f"{t}-{a}")
+                runs = next((r for lab in (f"temperature{t}-alpha{a}-shared_teacher",  # v2 grid
+                                           f"{t}-{a}")  # v1 grid
+                             if (r := load(exp, lab))), {})
                 fig, verdict = paired(values(runs, "student_accuracy"), values(runs, "baseline_accuracy"))
                 cells.append(f"{fig} [{verdict}]")
             grid.append([t, *cells])

@@ -30,6 +30,14 @@ v2 (spec 1.2-1.3 "(v2)"; every v1 behaviour stays reachable through its v1 value
 - Without jitter the frozen teacher's logits on the training rows are computed once per round
   (in eval mode, deterministic), not per batch.
 
+- `teacher_from: RUN_DIR` (default "": train the teacher): take the kept teacher of a finished kd
+  run instead of training one, e.g. for a T x alpha grid, whose cells all distill the same teacher.
+  That run must have trained exactly the teacher this run would (the same seed, data, train and
+  teacher settings; checked before the run, naming the first key that differs), so the student
+  stage starts from the state a run training its own teacher reaches, and its results are that
+  run's. The teacher-stage rounds then only load the teacher (and evaluate it); `${experiment.seed}`
+  in the path picks each seed's run in a sweep.
+
 T = 4 and alpha = 0.9 are ASSUMED (the paper has no single default; it used T = 20 on MNIST).
 Data: the run's dataset, e.g. `mnist5k` with `data.num_clients: 1` and `data.test_fraction:
 0.2` (the platform's seeded 80/20 split; validation is carved from the 80%).
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -49,10 +58,11 @@ from fedkd.clients.base import (Arrays, ClientData, EvalResult, RoundInfo, batch
 from fedkd.clients.kd_training import (EarlyStop, jitter_offsets, shift_images,
                                        stratified_holdout)
 from fedkd.clients.staged import StagedMethod, Stages, stage_of
-from fedkd.config import ConfigError, FedkdConfig, setting
+from fedkd.config import ConfigError, FedkdConfig, flat_config, from_yaml, setting
 from fedkd.kd import soft_hard_loss
 from fedkd.metrics import agreement, expected_calibration_error
 from fedkd.models import FedModel, build_model, mlp
+from fedkd.state import ClientStateStore
 
 DESCRIPTION = "centralized (1 client): Hinton KD, teacher then KD + baseline students"
 STUDENTS = ("student", "baseline")
@@ -74,6 +84,15 @@ class KDSettings:
     patience: int = setting(10, min=0)  # v2 (ASSUMED); 0 = no early stopping (v1)
     teacher_keep: str = setting("best_val", choices=("best_val", "last"))  # v2 ASSUMED; v1 last
     jitter_px: int = setting(0, min=0, max=4)  # v2 option: 2 = the paper's input jitter
+    teacher_from: str = ""  # a finished kd run whose kept teacher this run takes ("": train one)
+
+
+#: the keys a run may differ in from the run it takes its teacher from (the teacher depends on none)
+NOT_TEACHER = ("data.data_dir", "train.rounds", "train.fraction_clients", "method.temperature",
+               "method.alpha", "method.student_hidden", "method.student_epochs", "method.patience",
+               "method.teacher_from")
+#: the state entries that are the teacher: its current and kept weights and its validation record
+TEACHER_STATE = ("teacher", "teacher-best", "teacher-stop")
 
 
 def check_settings(cfg: FedkdConfig, settings: KDSettings) -> None:
@@ -84,6 +103,28 @@ def check_settings(cfg: FedkdConfig, settings: KDSettings) -> None:
     if settings.val_fraction == 0 and settings.teacher_keep == "best_val":
         raise ConfigError("method.teacher_keep", settings.teacher_keep,
                           "'last' when method.val_fraction is 0 (no validation to pick from)")
+    if settings.teacher_from:  # absolute: Ray workers and a later --resume may run elsewhere
+        cfg.method["teacher_from"] = str(check_teacher_source(cfg, settings.teacher_from))
+
+
+def check_teacher_source(cfg: FedkdConfig, teacher_from: str) -> Path:
+    """The finished kd run `teacher_from` names, if it trained exactly the teacher `cfg` would."""
+    from fedkd.rundir import run_status  # driver side only: keeps flwr out of the client module
+    from fedkd.state import ClientStateStore
+
+    source = Path(teacher_from).expanduser().resolve()
+    if run_status(source) != "complete" or not ClientStateStore(source / "state").path(0).is_file():
+        raise ConfigError("method.teacher_from", teacher_from,
+                          "a finished kd run's directory (run.json status complete, state/0.pt); "
+                          "run the teacher's experiment first")
+    theirs = flat_config(from_yaml((source / "config.yaml").read_text()))
+    for key, mine in flat_config(cfg).items():
+        teacher_key = key == "experiment.seed" or key.startswith(("data.", "train.", "method."))
+        if teacher_key and key not in NOT_TEACHER and theirs.get(key) != mine:
+            raise ConfigError("method.teacher_from", teacher_from,
+                              f"a kd run that trained this run's teacher; it has {key}="
+                              f"{theirs.get(key)!r}, this run {mine!r}")
+    return source
 
 
 class HintonKDClient(StagedMethod):
@@ -181,6 +222,8 @@ class HintonKDClient(StagedMethod):
     def _teacher_epoch(self, state: dict[str, Any], x: Tensor, y: Tensor, x_val: Tensor,
                        y_val: Tensor, epoch: int, info: RoundInfo
                        ) -> tuple[dict[str, float], Arrays]:
+        if self.settings.teacher_from:
+            return self._taken_teacher(state)
         teacher = self._load("teacher", state).train()
         opt = self._optimizer("teacher", state)
         sums = _Tally()
@@ -203,6 +246,19 @@ class HintonKDClient(StagedMethod):
             state["teacher-stop"] = record.dump()
             metrics["teacher-best-epoch"] = float(record.best_epoch)
         return metrics, dict(arrays)
+
+    def _taken_teacher(self, state: dict[str, Any]) -> tuple[dict[str, float], Arrays]:
+        """A teacher-stage round with `teacher_from`: the first copies the source run's teacher
+        into this client's state, every one reports it; nothing trains."""
+        if "teacher" not in state:
+            source = ClientStateStore(Path(self.settings.teacher_from) / "state").load(0)
+            if "teacher" not in source:
+                raise ValueError(f"{self.settings.teacher_from}: its client state holds no teacher")
+            state.update({k: source[k] for k in TEACHER_STATE if k in source})
+        metrics = {"teacher-taken": 1.0}
+        if state.get("teacher-stop"):
+            metrics["teacher-best-epoch"] = float(state["teacher-stop"]["best_epoch"])
+        return metrics, dict(state["teacher"])
 
     def _student_epoch(self, state: dict[str, Any], x: Tensor, y: Tensor, x_val: Tensor,
                        y_val: Tensor, epoch: int, info: RoundInfo

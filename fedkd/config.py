@@ -437,6 +437,17 @@ def to_yaml(cfg: FedkdConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def flat_config(cfg: FedkdConfig) -> dict[str, Any]:
+    """The config as {dotted key: value}, lists as values: the names that comparisons of two
+    configs report (a resumed run against its saved config; a kd run against its teacher's)."""
+    def flat(tree: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix.rstrip("."): tree}
+        return {key: value for k, v in tree.items() for key, value in flat(v, f"{prefix}{k}.").items()}
+
+    return flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))), "")
+
+
 def from_yaml(text: str) -> FedkdConfig:
     """Inverse of `to_yaml` for an already validated config (no registry checks)."""
     merged = OmegaConf.merge(OmegaConf.structured(FedkdConfig), OmegaConf.create(text))

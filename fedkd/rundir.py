@@ -21,10 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterable
 
-from omegaconf import OmegaConf
-
 from fedkd.checkpoint import checkpoint_round
-from fedkd.config import ConfigError, FedkdConfig, load_config, to_yaml
+from fedkd.config import ConfigError, FedkdConfig, flat_config, load_config
 
 RUN_INFO, LOCK = "run.json", "run.lock"
 FINISHED = ("complete", "failed")
@@ -156,19 +154,10 @@ def resume_config(run_dir: Path, overrides: Iterable[str]) -> FedkdConfig:
         raise RunDirError(f"{run_dir}: not a fedkd run directory (no run.json/config.yaml)")
     saved = load_config(saved_path)
     cfg = load_config(saved_path, overrides)
-    before = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(saved))))
-    after = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
+    before, after = flat_config(saved), flat_config(cfg)
     for key in sorted(set(before) | set(after)):
         if before.get(key) != after.get(key) and key not in RESUMABLE_CHANGES:
             raise ConfigError(key, after.get(key), f"a resumed run keeps its config (was "
                               f"{before.get(key)!r}); only {', '.join(RESUMABLE_CHANGES)} may change")
     return cfg
 
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree}
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out

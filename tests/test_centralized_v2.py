@@ -7,7 +7,9 @@ throughout; the few that need real files say so and skip without them.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,8 @@ from fedkd.clients.kd_training import EarlyStop, jitter_offsets, shift_images, s
 from fedkd.clients.mixclap_fusion import fusion_grid, select_fusion, unit
 from fedkd.clients.stkd import STKDClient, STKDSettings
 from fedkd.clients.xtime_forecast import _Targets, oracle_routing, specialisation
-from fedkd.config import ConfigError, FedkdConfig, load_config
+from fedkd.config import ConfigError, FedkdConfig, load_config, to_yaml
+from fedkd.state import ClientStateStore
 from fedkd.taskdata.avmnist import INPUT_DIM, _rng, corruption_masks
 from fedkd.taskdata.ett import (ROLL_MEAN, ROLL_STD, SPLIT, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL,
                                 TARGET_RAW, make_windows, rarity_from_table)
@@ -143,6 +146,68 @@ def test_validation_split_is_stratified_disjoint_and_seeded() -> None:
     c, data = kd_client(), kd_data()
     tr, val = c.split(data)
     assert int(tr.max()) < len(data.y_train) and int(val.max()) < len(data.y_train)
+
+
+def _kd_rounds(client: HintonKDClient, data: ClientData, rounds: int) -> tuple[dict, list[dict]]:
+    """Train `rounds` rounds, seeding torch per round as the runtime does (dropout draws from it)."""
+    state: dict[str, Any] = {}
+    metrics = []
+    for r in range(1, rounds + 1):
+        torch.manual_seed(r)
+        metrics.append(client.train({}, state, data, RoundInfo(0, r, 0)).metrics)
+    return state, metrics
+
+
+def test_a_taken_teacher_gives_the_run_that_trained_its_own(tmp_path: Path) -> None:
+    """teacher_from: the student stage starts from the state a run training the same teacher
+    reaches, so the students (and every student-stage metric) are that run's, bit for bit."""
+    data, settings = kd_data(), {"teacher_epochs": 3, "student_epochs": 5, "patience": 2}
+    source, _ = _kd_rounds(kd_client(**settings), data, 8)  # a T = 4, alpha = 0.9 run
+    ClientStateStore(tmp_path / "state").save(0, source)
+    cell = {**settings, "temperature": 2.0, "alpha": 0.5}  # another grid cell, same teacher
+    own_client, taken_client = kd_client(**cell), kd_client(**cell, teacher_from=str(tmp_path))
+    own, own_metrics = _kd_rounds(own_client, data, 8)
+    taken, taken_metrics = _kd_rounds(taken_client, data, 8)
+    best = float(source["teacher-stop"]["best_epoch"])
+    assert taken_metrics[:3] == [{"teacher-taken": 1.0, "teacher-best-epoch": best, "stage": 0}] * 3
+    assert taken_metrics[3:] == own_metrics[3:]
+    assert own_metrics[3]["student-val-loss"] != _kd_rounds(kd_client(**settings), data, 4)[1][3][
+        "student-val-loss"]  # the cells differ: the test compares something
+    for key in ("teacher-best", "student", "baseline", "student-best", "baseline-best"):
+        assert same(taken[key], own[key]), key
+    final = [c.evaluate({}, st, data, RoundInfo(0, 8, 0)) for c, st in ((own_client, own),
+                                                                        (taken_client, taken))]
+    assert final[0].metrics == final[1].metrics and final[0].accuracy == final[1].accuracy
+
+
+def _finished_kd_run(run_dir: Path, *overrides: str) -> Path:
+    """What a finished kd run leaves that teacher_from reads: config.yaml, run.json, state/0.pt."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(to_yaml(kd_config(*overrides)))
+    (run_dir / "run.json").write_text(json.dumps({"status": "complete"}))
+    ClientStateStore(run_dir / "state").save(0, {"teacher": {"w": torch.zeros(1)}})
+    return run_dir
+
+
+def test_teacher_from_must_name_a_finished_run_with_the_same_teacher(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for seed in (0, 1):
+        _finished_kd_run(tmp_path / "teachers" / f"seed{seed}", f"experiment.seed={seed}")
+    # a student-side grid cell of each seed finds its seed's teacher; the path is made absolute
+    for seed in (0, 1):
+        cfg = kd_config("method.teacher_from=teachers/seed${experiment.seed}", f"experiment.seed={seed}",
+                        "method.temperature=2", "method.alpha=0.5", "method.student_hidden=[100]")
+        assert cfg.method["teacher_from"] == str(tmp_path / "teachers" / f"seed{seed}")
+    cases = {"experiment.seed=2": "a finished kd run", "method.teacher_keep=last": "method.teacher_keep='best_val'",
+             "train.lr=0.01": "train.lr=0.001", "data.test_fraction=0.3": "data.test_fraction=0.2"}
+    for override, message in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)) as err:
+            kd_config("method.teacher_from=teachers/seed${experiment.seed}", override)
+        assert err.value.key == "method.teacher_from"
+    (tmp_path / "teachers" / "seed0" / "run.json").write_text(json.dumps({"status": "failed"}))
+    with pytest.raises(ConfigError, match="run the teacher's experiment first"):
+        kd_config("method.teacher_from=teachers/seed0")
 
 
 def test_shift_images_moves_pixels_with_zero_fill() -> None:
