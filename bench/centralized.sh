@@ -10,7 +10,7 @@
 #   v1: the v1 experiments (their configs pin the v1 values; results in bench/results/<experiment>/)
 #   v2: issue 24's v2 runs (centralized.md "(v2)"), results in bench/results/<experiment>-v2/:
 #       seed 0 of every method first, then seeds 1 and 2 (about 5 hours in all)
-#   v2-grid: kd's T x alpha table with the v2 teacher, 3 seeds (36 runs, 3-4 hours: each takes
+#   v2-grid: kd's T x alpha table with the v2 teacher, 3 seeds (36 runs, about 1.5 hours: each takes
 #       the seed's kd-mnist5k-v2 teacher, so `v2` must have run first)
 # One run at a time (a lock serialises two invocations); prefix with `nice -n 19` beside other benchmarks.
 # DRY_RUN=1 bench/centralized.sh all: every sweep's plan (labels, seeds done and to run), nothing run.
