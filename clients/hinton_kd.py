@@ -110,7 +110,6 @@ def check_settings(cfg: FedkdConfig, settings: KDSettings) -> None:
 def check_teacher_source(cfg: FedkdConfig, teacher_from: str) -> Path:
     """The finished kd run `teacher_from` names, if it trained exactly the teacher `cfg` would."""
     from fedkd.rundir import run_status  # driver side only: keeps flwr out of the client module
-    from fedkd.state import ClientStateStore
 
     source = Path(teacher_from).expanduser().resolve()
     if run_status(source) != "complete" or not ClientStateStore(source / "state").path(0).is_file():
