@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedkd-installed
 export FEDKD_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install quickstart test test-fast bench-overhead bench-scale bench-protocol bench-protocol-v2 bench-centralized
+.PHONY: install quickstart test test-process test-fast bench-overhead bench-scale bench-protocol bench-protocol-v2 bench-centralized
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=20
+
+# the process-level end-to-end tests (marked `process`: kill -9 and resume, two Ray nodes, flwr run,
+# the wheel in a fresh venv, signals); CI runs them after `make test`
+test-process: $(STAMP)
+	$(PY) -m pytest -q -m "process and not slow" --durations=10
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e and not slow"

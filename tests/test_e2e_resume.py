@@ -22,7 +22,7 @@ from fedkd.simulation import prepare_run_dir
 from fedkd.testing import InProcessGrid, comparable_records
 from test_resume import _run, _summary
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.process]
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/experiment/quickstart.yaml")
 SIX_ROUNDS = ["data.dataset=digits", "data.num_clients=4", "model.name=mlp", "train.rounds=6",

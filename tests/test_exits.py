@@ -68,6 +68,7 @@ def assert_session_ends(sid: int, timeout: float = 30) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.process
 # both signals take the same handler (fedkd.engine.exit_on_signals); SIGINT is selectable with -m slow
 @pytest.mark.parametrize("signum, code, word", [
     pytest.param(signal.SIGINT, 130, "interrupted", marks=pytest.mark.slow),

@@ -91,6 +91,7 @@ def test_scale_moves_the_fedavg_mean_by_the_factor(tmp_path: Path) -> None:
 
 # -- Ray ----------------------------------------------------------------------------------------
 @pytest.mark.e2e
+@pytest.mark.process
 def test_a_killed_worker_is_replaced_and_the_run_goes_on(tmp_path: Path, ray_address: str) -> None:
     """faults.kind=kill SIGKILLs the Ray worker serving client 1 in round 1 (as the OOM killer
     would): that worker's group fails round 1, a new actor takes its place and round 2 is whole.

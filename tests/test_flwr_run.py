@@ -112,6 +112,7 @@ def _flwr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.e2e
+@pytest.mark.process
 def test_flwr_run_maps_flat_keys_and_writes_the_run(flwr_env: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "runs"
     done = _flwr(flwr_env, "run", ".", "--stream", "--run-config",
@@ -132,6 +133,7 @@ def test_flwr_run_maps_flat_keys_and_writes_the_run(flwr_env: dict[str, str], tm
 
 
 @pytest.mark.e2e
+@pytest.mark.process
 def test_unknown_run_config_key_fails_before_the_run(flwr_env: dict[str, str]) -> None:
     done = _flwr(flwr_env, "run", ".", "--run-config", "num-server-round=1")
     assert done.returncode != 0

@@ -14,7 +14,7 @@ from fedkd.config import load_config
 from fedkd.simulation import run_experiment
 from fedkd.testing import InProcessGrid, comparable_records, run_in_process
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.process]
 ROOT = Path(__file__).resolve().parents[1]
 # fedper: each client's head lives in its state, the body is averaged: state and aggregation both
 SETTINGS = ["method.name=fedper", "data.num_clients=6", "model.name=mlp", "train.rounds=3",

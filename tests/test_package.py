@@ -74,6 +74,7 @@ def _fresh_env(tmp: Path, wheel: Path) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.process
 def test_wheel_installs_and_runs_outside_the_repository(tmp_path: Path) -> None:
     wheel = _wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()

@@ -35,6 +35,7 @@ def watchdog_of(driver: int) -> psutil.Process:
 
 
 @pytest.mark.e2e
+@pytest.mark.process
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_killed_driver_does_not_leave_its_cluster_running(sig: signal.Signals) -> None:
     """SIGKILL runs no `finally`. SIGTERM starts the driver's own stop, which Ray's handler cuts
