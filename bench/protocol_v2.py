@@ -1,0 +1,120 @@
+"""Headline tables of benchmark protocol v2's tier 1 (issue 20): one per setting, for the setting
+pages and the bench index.
+
+Reads the result files `bench/protocol-v2.sh` wrote (`bench/results/<setting>/<label>/seed<k>.json`)
+and prints per setting one row per run label: both headline numbers (mean ± sample std over
+seeds), the second model's last-round accuracy, and the verdict against local training and
+against FedAvg, paired by seed with `fedkd.sweep`'s rule (a tie when |mean| < std of the per-seed
+differences; "beats" needs a non-tie in the same direction on both headline numbers). The
+reference for a label is the local / FedAvg label with the same model or variant (`pse-cnn-amax0.2`
+against `local-cnn`, `mhpflid-hetero` against `local-hetero`), else the plain one. Labels with no
+result yet are absent; a verdict on fewer seeds than the protocol's three names them.
+
+`--write` puts each setting's table between `<!-- headline -->` and `<!-- /headline -->` on its
+page and between `<!-- headline:SETTING -->` and `<!-- /headline:SETTING -->` in bench/README.md,
+so the pages follow the runs without numbers copied by hand.
+
+Usage: .venv/bin/python bench/protocol_v2.py [--write] [SETTING ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from fedkd.render import to_markdown
+from fedkd.sweep import HEADLINES, overall_verdict, paired, result_rows
+
+BENCH = Path(__file__).resolve().parent
+SETTINGS = ("cifar10-long", "resolution-shift", "mnist-scarce", "fmnist-mild")
+TIER1_SEEDS = 3
+
+
+def reference(label: str, labels: list[str], method: str) -> str | None:
+    """The `method` label whose variant tokens all appear in `label`'s, the most specific first."""
+    tokens = set(label.split("-")[1:])
+    fits = [ref for ref in labels if ref.split("-")[0] == method and set(ref.split("-")[1:]) <= tokens]
+    return max(fits, key=lambda ref: len(ref.split("-")), default=None)
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
+
+
+def verdict_cell(rows: list[dict], refs: list[dict]) -> str:
+    """'**beats** +1.23 / +0.98' (points, last round / last 3), 'tie −0.10 / +0.05', ..."""
+    pairs = [paired(rows, refs, key) for key in HEADLINES]
+    if not all(pairs):
+        return "—"
+    verdict = overall_verdict([p.verdict for p in pairs])  # type: ignore[union-attr]
+    seeds = sorted(set.intersection(*(set(p.diffs) for p in pairs)))  # type: ignore[union-attr]
+    word = f"**{verdict}**" if verdict in ("beats", "loses") else verdict
+    diffs = " / ".join(f"{100 * p.mean:+.2f}" for p in pairs)  # type: ignore[union-attr]
+    partial = ("" if len(seeds) >= TIER1_SEEDS else f" (seed {seeds[0]} only)" if len(seeds) == 1
+               else f" (seeds {','.join(map(str, seeds))} only)")
+    return f"{word} {diffs}{partial}"
+
+
+def headline_table(setting: str) -> str:
+    """The setting's headline table in Markdown ('no result yet' before its first run ends)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in result_rows(BENCH / "results" / setting):
+        if row.get("status") == "complete":
+            groups[row["run"]].append(row)
+    if not groups:
+        return "No result yet.\n"
+    labels = list(groups)
+    body = []
+    for label, rows in groups.items():
+        second = {r["second_model"]["name"] for r in rows if r.get("second_model")}
+        second_cell = (f"{'/'.join(sorted(second))} "
+                       + mean_std([r["second_model"]["accuracy"] for r in rows if r.get("second_model")])
+                       if second else "—")
+        cells = []
+        for method in ("local", "fedavg"):
+            ref = reference(label, labels, method)
+            cell = "—" if ref in (None, label) else verdict_cell(rows, groups[ref])
+            cells.append(cell if cell == "—" else f"{cell} ({ref})")
+        body.append([label, *(mean_std([r[k] for r in rows if r.get(k) is not None]) for k in HEADLINES),
+                     second_cell, *cells, str(len(rows))])
+    head = ["run", "last round", "mean of last 3", "second model (last round)",
+            "vs local: Δ points last / last 3", "vs FedAvg: Δ points last / last 3", "seeds"]
+    return to_markdown([("table", head, body)])
+
+
+def replace_between(text: str, tag: str, table: str) -> str:
+    """`text` with the lines between `<!-- TAG -->` and `<!-- /TAG -->` replaced by `table`."""
+    pattern = re.compile(rf"(<!-- {re.escape(tag)} -->\n).*?(<!-- /{re.escape(tag)} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"no <!-- {tag} --> ... <!-- /{tag} --> markers to write between")
+    return pattern.sub(lambda m: m.group(1) + table.rstrip("\n") + "\n" + m.group(2), text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("settings", nargs="*", metavar="SETTING", help=f"default: all of {', '.join(SETTINGS)}")
+    parser.add_argument("--write", action="store_true", help="update the setting pages and bench/README.md")
+    args = parser.parse_args()
+    for setting in args.settings:
+        if setting not in SETTINGS:
+            parser.error(f"setting {setting!r}: one of {', '.join(SETTINGS)}")
+    index = BENCH / "README.md"
+    for setting in args.settings or SETTINGS:
+        table = headline_table(setting)
+        if not args.write:
+            print(f"## {setting}\n\n{table}")
+            continue
+        page = BENCH / "results" / setting / "README.md"
+        page.write_text(replace_between(page.read_text(), "headline", table))
+        index.write_text(replace_between(index.read_text(), f"headline:{setting}", table))
+        print(f"{setting}: wrote {page.relative_to(BENCH.parent)} and {index.relative_to(BENCH.parent)}")
+
+
+if __name__ == "__main__":
+    main()
