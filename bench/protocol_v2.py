@@ -23,9 +23,11 @@ import argparse
 import re
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from fedkd.render import to_markdown
+from fedkd.render import TableOptions, to_markdown
 from fedkd.sweep import HEADLINES, overall_verdict, paired, result_rows
 
 BENCH = Path(__file__).resolve().parent
@@ -47,26 +49,40 @@ def mean_std(values: list[float]) -> str:
     return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
 
 
-def verdict_cell(rows: list[dict], refs: list[dict]) -> str:
-    """'**beats** +1.23 / +0.98' (points, last round / last 3), 'tie −0.10 / +0.05', ..."""
+def comparison(rows: list[dict], refs: list[dict]) -> tuple[str, str] | None:
+    """(verdict, '+1.23 / +0.98 (seed 0 only)'): `rows` against `refs` paired by seed, in accuracy
+    points on both headline numbers; None when they share no seed."""
     pairs = [paired(rows, refs, key) for key in HEADLINES]
     if not all(pairs):
-        return "—"
+        return None
     verdict = overall_verdict([p.verdict for p in pairs])  # type: ignore[union-attr]
     seeds = sorted(set.intersection(*(set(p.diffs) for p in pairs)))  # type: ignore[union-attr]
-    word = f"**{verdict}**" if verdict in ("beats", "loses") else verdict
     diffs = " / ".join(f"{100 * p.mean:+.2f}" for p in pairs)  # type: ignore[union-attr]
     partial = ("" if len(seeds) >= TIER1_SEEDS else f" (seed {seeds[0]} only)" if len(seeds) == 1
                else f" (seeds {','.join(map(str, seeds))} only)")
-    return f"{word} {diffs}{partial}"
+    return verdict, diffs + partial
 
 
-def headline_table(setting: str) -> str:
-    """The setting's headline table in Markdown ('no result yet' before its first run ends)."""
+def verdict_cell(rows: list[dict], refs: list[dict]) -> str:
+    """'**beats** +1.23 / +0.98' (points, last round / last 3), 'tie −0.10 / +0.05', or '—'."""
+    if (found := comparison(rows, refs)) is None:
+        return "—"
+    verdict, diffs = found
+    return f"**{verdict}** {diffs}" if verdict in ("beats", "loses") else f"{verdict} {diffs}"
+
+
+def results(setting: str) -> dict[str, list[dict]]:
+    """Run label -> its complete result rows (one per seed) under bench/results/SETTING."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in result_rows(BENCH / "results" / setting):
         if row.get("status") == "complete":
             groups[row["run"]].append(row)
+    return dict(groups)
+
+
+def headline_table(setting: str) -> str:
+    """The setting's headline table in Markdown ('no result yet' before its first run ends)."""
+    groups = results(setting)
     if not groups:
         return "No result yet.\n"
     labels = list(groups)
@@ -85,7 +101,75 @@ def headline_table(setting: str) -> str:
                      second_cell, *cells, str(len(rows))])
     head = ["run", "last round", "mean of last 3", "second model (last round)",
             "vs local: Δ points last / last 3", "vs FedAvg: Δ points last / last 3", "seeds"]
-    return to_markdown([("table", head, body)])
+    return to_markdown([("table", head, body, TableOptions(text=frozenset({3, 4, 5})))])
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A seed method's claim on one setting: `label` must beat (">") or at least tie (">=") each
+    reference label, paired by seed on both headline numbers."""
+    method: str
+    setting: str
+    label: str
+    against: tuple[tuple[str, str], ...]  # (relation, reference label)
+    says: str
+
+
+def _claims() -> list[Claim]:
+    """The claims the specs and the protocol name (pse.md g, mhpflid.md f, local-kd.md 2.5, 4.3;
+    the family's own papers: sharing beats training alone, FedNTD beats FedAvg)."""
+    out = [Claim("PSE", "cifar10-long", f"pse-{m}-amax0.2",
+                 ((">", f"local-{m}"), (">", f"fedavg-{m}"), (">=", f"fedrep-{m}"), (">=", f"ditto-{m}")),
+                 f"PSE v2 ({m}) > local, > FedAvg, >= FedRep, >= Ditto") for m in ("cnn", "resnet8")]
+    out.append(Claim("MH-pFLID", "resolution-shift", "mhpflid-hetero", ((">", "local-hetero"),),
+                     "local models > the same architectures trained alone"))
+    for setting in ("mnist-scarce", "fmnist-mild"):
+        out += [Claim("FedKD", setting, "fedkd_mentor-mentee_cnn_narrow", ((">=", "fedkd_mentor"),),
+                      "mentor with the narrow mentee (~1/4 of the bytes) >= with the full-size mentee"),
+                Claim("FML", setting, "fml", ((">", "local"),), "local model > local training"),
+                Claim("FedDistill", setting, "feddistill-exclude_self", ((">", "local"),),
+                      "leave-own-out teacher > local training"),
+                Claim("FedProto", setting, "fedproto", ((">", "local"), (">", "fedavg")),
+                      "> local training and > FedAvg")]
+    out.append(Claim("FedNTD", "fmnist-mild", "fedntd", ((">", "fedavg"),), "> FedAvg"))
+    return out
+
+
+CLAIMS = _claims()
+
+
+def judge(claim: Claim, groups: dict[str, list[dict]]) -> tuple[str, list[str]]:
+    """('holds' | 'tie' | 'mixed' | 'fails' | 'pending', one cell per reference)."""
+    cells, ok, verdicts = [], [], []
+    for relation, ref in claim.against:
+        found = comparison(groups.get(claim.label, []), groups.get(ref, []))
+        if found is None:
+            cells.append(f"{relation} {ref}: pending")
+            continue
+        verdict, diffs = found
+        verdicts.append(verdict)
+        ok.append(verdict == "beats" or (relation == ">=" and verdict == "tie"))
+        cells.append(f"{relation} {ref}: {verdict} {diffs}")
+    if len(verdicts) < len(claim.against):
+        return "pending", cells
+    if all(ok):
+        return "holds", cells
+    if "loses" in verdicts:
+        return "fails", cells
+    return ("tie" if set(verdicts) <= {"beats", "tie"} else "mixed"), cells
+
+
+def claims_table(settings: Sequence[str] = SETTINGS) -> str:
+    """One row per claim: what it says, each paired comparison, and whether it holds."""
+    groups = {setting: results(setting) for setting in settings}
+    body = []
+    for claim in CLAIMS:
+        if claim.setting in groups:
+            outcome, cells = judge(claim, groups[claim.setting])
+            word = f"**{outcome}**" if outcome in ("holds", "fails") else outcome
+            body.append([claim.method, claim.setting, claim.says, "; ".join(cells), word])
+    head = ["method", "setting", "claim", "paired by seed (Δ points last / last 3)", "verdict"]
+    return to_markdown([("table", head, body, TableOptions(left=len(head)))])
 
 
 def replace_between(text: str, tag: str, table: str) -> str:
@@ -114,6 +198,11 @@ def main() -> None:
         page.write_text(replace_between(page.read_text(), "headline", table))
         index.write_text(replace_between(index.read_text(), f"headline:{setting}", table))
         print(f"{setting}: wrote {page.relative_to(BENCH.parent)} and {index.relative_to(BENCH.parent)}")
+    if not args.write:
+        print(f"## Claims\n\n{claims_table(args.settings or SETTINGS)}")
+    elif not args.settings:  # the claims table spans every setting
+        index.write_text(replace_between(index.read_text(), "claims", claims_table()))
+        print(f"claims: wrote {index.relative_to(BENCH.parent)}")
 
 
 if __name__ == "__main__":

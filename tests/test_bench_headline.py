@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("protocol_v2", ROOT / "bench/protocol_v2.py")
 headline = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+sys.modules["protocol_v2"] = headline  # its dataclasses look their module up there
 spec.loader.exec_module(headline)  # type: ignore[union-attr]
 
 
@@ -61,3 +63,26 @@ def test_write_replaces_only_between_the_markers(tmp_path: Path, monkeypatch: py
         headline.replace_between(text, "headline:fmnist-mild", "x")
     monkeypatch.setattr(headline, "BENCH", tmp_path)
     assert headline.headline_table("mnist-scarce") == "No result yet.\n"
+
+
+def test_a_claim_holds_ties_fails_or_waits_for_its_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(headline, "BENCH", tmp_path)
+    write_results(tmp_path, "mnist-scarce", "local", [0.80, 0.82, 0.81], [0.80, 0.82, 0.81])
+    write_results(tmp_path, "mnist-scarce", "fedkd_mentor", [0.90, 0.91, 0.92], [0.90, 0.91, 0.92])
+    write_results(tmp_path, "mnist-scarce", "fedkd_mentor-mentee_cnn_narrow", [0.91, 0.90, 0.92], [0.90, 0.91, 0.93])
+    write_results(tmp_path, "mnist-scarce", "fml", [0.78, 0.80, 0.79], [0.78, 0.80, 0.79])
+    write_results(tmp_path, "mnist-scarce", "fedproto", [0.85, 0.86, 0.87], [0.85, 0.86, 0.87])
+    groups = headline.results("mnist-scarce")
+    claim = {(c.method, c.setting): c for c in headline.CLAIMS}
+    # ">=": a tie with the full-size mentee is the claim
+    assert headline.judge(claim["FedKD", "mnist-scarce"], groups) == \
+        ("holds", [">= fedkd_mentor: tie +0.00 / +0.33"])
+    assert headline.judge(claim["FML", "mnist-scarce"], groups) == \
+        ("fails", ["> local: loses -2.00 / -2.00"])
+    outcome, cells = headline.judge(claim["FedProto", "mnist-scarce"], groups)  # no FedAvg run yet
+    assert outcome == "pending" and cells == ["> local: beats +5.00 / +5.00", "> fedavg: pending"]
+    write_results(tmp_path, "mnist-scarce", "fedavg", [0.86, 0.85, 0.88], [0.86, 0.85, 0.88])
+    outcome, _ = headline.judge(claim["FedProto", "mnist-scarce"], headline.results("mnist-scarce"))
+    assert outcome == "tie"  # beats local, ties FedAvg: ">" is not met, nothing loses
+    table = headline.claims_table(["mnist-scarce"])
+    assert "| FedKD | mnist-scarce |" in table and "| **holds** |" in table and "fmnist-mild" not in table
