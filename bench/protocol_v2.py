@@ -23,7 +23,7 @@ import argparse
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,15 +104,81 @@ def headline_table(setting: str) -> str:
     return to_markdown([("table", head, body, TableOptions(text=frozenset({3, 4, 5})))])
 
 
+Groups = dict[str, list[dict]]  # run label -> its result rows
+Evidence = Callable[[Groups], str | None]  # one diagnostic, None while its runs are missing
+
+
+def _values(rows: list[dict], get: Callable[[dict], float | None]) -> list[float]:
+    return [v for r in rows if (v := get(r)) is not None]
+
+
+def method_metric(label: str, key: str, name: str, points: bool = False) -> Evidence:
+    """A method-reported metric of `label` (summary.json's extra_metrics), mean ± std over seeds."""
+    def read(groups: Groups) -> str | None:
+        vals = _values(groups.get(label, []), lambda r: (r.get("extra_metrics") or {}).get(key))
+        if not vals:
+            return None
+        if points:
+            return f"{name} {100 * statistics.fmean(vals):+.2f} points"
+        return f"{name} {mean_std(vals)}"
+    return read
+
+
+def second_model_of(label: str) -> Evidence:
+    """The second model's last-round accuracy (Ditto's global, FML's meme, ...)."""
+    def read(groups: Groups) -> str | None:
+        rows = [r for r in groups.get(label, []) if r.get("second_model")]
+        if not rows:
+            return None
+        return f"{rows[0]['second_model']['name']} {mean_std([r['second_model']['accuracy'] for r in rows])}"
+    return read
+
+
+def bytes_ratio(label: str, ref: str) -> Evidence:
+    """Bytes sent per client and round, as a fraction of `ref`'s."""
+    def read(groups: Groups) -> str | None:
+        mine = _values(groups.get(label, []), lambda r: r.get("bytes_sent_per_client_round"))
+        theirs = _values(groups.get(ref, []), lambda r: r.get("bytes_sent_per_client_round"))
+        if not mine or not theirs or not statistics.fmean(theirs):
+            return None
+        return f"bytes/client/round {statistics.fmean(mine) / statistics.fmean(theirs):.2f}× {ref}'s"
+    return read
+
+
+def versus(label: str, ref: str) -> Evidence:
+    """`label` against another reference, paired by seed."""
+    def read(groups: Groups) -> str | None:
+        found = comparison(groups.get(label, []), groups.get(ref, []))
+        return f"vs {ref}: {found[0]} {found[1]}" if found else None
+    return read
+
+
+def factor_gains(label: str, ref: str) -> Evidence:
+    """Δ points against `ref` per resolution factor (last round, mean over the seeds both have)."""
+    def read(groups: Groups) -> str | None:
+        refs = {r.get("seed"): r.get("per_factor") or {} for r in groups.get(ref, [])}
+        gains: dict[str, list[float]] = defaultdict(list)
+        for r in groups.get(label, []):
+            for factor, stats in (r.get("per_factor") or {}).items():
+                if (other := refs.get(r.get("seed"), {}).get(factor)) is not None:
+                    gains[factor].append(stats["accuracy"] - other["accuracy"])
+        if not gains:
+            return None
+        order = sorted(gains, key=lambda f: int(f[1:]))
+        return f"Δ vs {ref} per factor: " + ", ".join(f"{f} {100 * statistics.fmean(gains[f]):+.2f}" for f in order)
+    return read
+
+
 @dataclass(frozen=True)
 class Claim:
     """A seed method's claim on one setting: `label` must beat (">") or at least tie (">=") each
-    reference label, paired by seed on both headline numbers."""
+    reference label, paired by seed on both headline numbers; `evidence`: the specs' diagnostics."""
     method: str
     setting: str
     label: str
     against: tuple[tuple[str, str], ...]  # (relation, reference label)
     says: str
+    evidence: tuple[Evidence, ...] = ()
 
 
 def _claims() -> list[Claim]:
@@ -120,17 +186,26 @@ def _claims() -> list[Claim]:
     the family's own papers: sharing beats training alone, FedNTD beats FedAvg)."""
     out = [Claim("PSE", "cifar10-long", f"pse-{m}-amax0.2",
                  ((">", f"local-{m}"), (">", f"fedavg-{m}"), (">=", f"fedrep-{m}"), (">=", f"ditto-{m}")),
-                 f"PSE v2 ({m}) > local, > FedAvg, >= FedRep, >= Ditto") for m in ("cnn", "resnet8")]
+                 f"PSE v2 ({m}) > local, > FedAvg, >= FedRep, >= Ditto",
+                 (method_metric(f"pse-{m}-amax0.2", "post-minus-pre-excitation-accuracy",
+                                "excitation post − pre (fused)", points=True),
+                  method_metric(f"pse-{m}-amax0.2", "post-minus-pre-excitation-local-accuracy",
+                                "(local head)", points=True)))
+           for m in ("cnn", "resnet8")]
     out.append(Claim("MH-pFLID", "resolution-shift", "mhpflid-hetero", ((">", "local-hetero"),),
-                     "local models > the same architectures trained alone"))
+                     "local models > the same architectures trained alone",
+                     (second_model_of("mhpflid-hetero"), factor_gains("mhpflid-hetero", "local-hetero"))))
     for setting in ("mnist-scarce", "fmnist-mild"):
-        out += [Claim("FedKD", setting, "fedkd_mentor-mentee_cnn_narrow", ((">=", "fedkd_mentor"),),
-                      "mentor with the narrow mentee (~1/4 of the bytes) >= with the full-size mentee"),
-                Claim("FML", setting, "fml", ((">", "local"),), "local model > local training"),
+        narrow = "fedkd_mentor-mentee_cnn_narrow"
+        out += [Claim("FedKD", setting, narrow, ((">=", "fedkd_mentor"),),
+                      "mentor with the narrow mentee (~1/4 of the bytes) >= with the full-size mentee",
+                      (bytes_ratio(narrow, "fedkd_mentor"), second_model_of(narrow), versus(narrow, "local"))),
+                Claim("FML", setting, "fml", ((">", "local"),), "local model > local training",
+                      (second_model_of("fml"),)),
                 Claim("FedDistill", setting, "feddistill-exclude_self", ((">", "local"),),
-                      "leave-own-out teacher > local training"),
+                      "leave-own-out teacher > local training", (versus("feddistill-exclude_self", "feddistill"),)),
                 Claim("FedProto", setting, "fedproto", ((">", "local"), (">", "fedavg")),
-                      "> local training and > FedAvg")]
+                      "> local training and > FedAvg", (second_model_of("fedproto"),))]
     out.append(Claim("FedNTD", "fmnist-mild", "fedntd", ((">", "fedavg"),), "> FedAvg"))
     return out
 
@@ -138,7 +213,7 @@ def _claims() -> list[Claim]:
 CLAIMS = _claims()
 
 
-def judge(claim: Claim, groups: dict[str, list[dict]]) -> tuple[str, list[str]]:
+def judge(claim: Claim, groups: Groups) -> tuple[str, list[str]]:
     """('holds' | 'tie' | 'mixed' | 'fails' | 'pending', one cell per reference)."""
     cells, ok, verdicts = [], [], []
     for relation, ref in claim.against:
@@ -167,8 +242,10 @@ def claims_table(settings: Sequence[str] = SETTINGS) -> str:
         if claim.setting in groups:
             outcome, cells = judge(claim, groups[claim.setting])
             word = f"**{outcome}**" if outcome in ("holds", "fails") else outcome
-            body.append([claim.method, claim.setting, claim.says, "; ".join(cells), word])
-    head = ["method", "setting", "claim", "paired by seed (Δ points last / last 3)", "verdict"]
+            evidence = [e for probe in claim.evidence if (e := probe(groups[claim.setting]))]
+            body.append([claim.method, claim.setting, claim.says, "; ".join(cells), word,
+                         "; ".join(evidence) or "—"])
+    head = ["method", "setting", "claim", "paired by seed (Δ points last / last 3)", "verdict", "diagnostics"]
     return to_markdown([("table", head, body, TableOptions(left=len(head)))])
 
 

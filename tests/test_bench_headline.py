@@ -17,9 +17,10 @@ spec.loader.exec_module(headline)  # type: ignore[union-attr]
 
 
 def write_results(bench: Path, setting: str, label: str, last: list[float], last3: list[float],
-                  second: list[float] | None = None) -> None:
+                  second: list[float] | None = None, **fields: list) -> None:
     for seed, (a, b) in enumerate(zip(last, last3)):
-        row = {"seed": seed, "status": "complete", "accuracy": a, "accuracy_last3": b}
+        row = {"seed": seed, "status": "complete", "accuracy": a, "accuracy_last3": b,
+               **{k: v[seed] for k, v in fields.items()}}
         if second:
             row["second_model"] = {"name": "global", "accuracy": second[seed], "accuracy_last3": second[seed]}
         path = bench / "results" / setting / label / f"seed{seed}.json"
@@ -86,3 +87,24 @@ def test_a_claim_holds_ties_fails_or_waits_for_its_runs(tmp_path: Path, monkeypa
     assert outcome == "tie"  # beats local, ties FedAvg: ">" is not met, nothing loses
     table = headline.claims_table(["mnist-scarce"])
     assert "| FedKD | mnist-scarce |" in table and "| **holds** |" in table and "fmnist-mild" not in table
+
+
+def test_claims_carry_the_specs_diagnostics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(headline, "BENCH", tmp_path)
+    factors = lambda *accs: [{f"x{f}": {"accuracy": a} for f, a in zip((1, 2, 4, 8), accs)}]  # noqa: E731
+    write_results(tmp_path, "resolution-shift", "local-hetero", [0.5], [0.5], per_factor=factors(0.6, 0.5, 0.4, 0.3))
+    write_results(tmp_path, "resolution-shift", "mhpflid-hetero", [0.52], [0.51], second=[0.45],
+                  per_factor=factors(0.6, 0.52, 0.43, 0.35))
+    write_results(tmp_path, "cifar10-long", "pse-cnn-amax0.2", [0.8], [0.8],
+                  extra_metrics=[{"post-minus-pre-excitation-accuracy": -0.031,
+                                  "post-minus-pre-excitation-local-accuracy": 0.002}])
+    write_results(tmp_path, "fmnist-mild", "fedkd_mentor", [0.8], [0.8], bytes_sent_per_client_round=[4000])
+    write_results(tmp_path, "fmnist-mild", "fedkd_mentor-mentee_cnn_narrow", [0.8], [0.8],
+                  bytes_sent_per_client_round=[1000])
+    rows = {tuple(line.split(" | ")[:2]): line for line in headline.claims_table().splitlines()}
+    assert rows["| MH-pFLID", "resolution-shift"].endswith(
+        "| global 0.4500; Δ vs local-hetero per factor: x1 +0.00, x2 +2.00, x4 +3.00, x8 +5.00 |")
+    (pse_cnn,) = [line for line in headline.claims_table().splitlines() if "PSE v2 (cnn)" in line]
+    assert pse_cnn.endswith("| excitation post − pre (fused) -3.10 points; (local head) +0.20 points |")
+    assert "bytes/client/round 0.25× fedkd_mentor's" in rows["| FedKD", "fmnist-mild"]
+    assert rows["| FedNTD", "fmnist-mild"].endswith("| pending | — |")  # no run, no diagnostic
