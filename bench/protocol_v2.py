@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedkd.render import TableOptions, to_markdown
-from fedkd.sweep import HEADLINES, overall_verdict, paired, result_rows
+from fedkd.sweep import HEADLINES, mean_std, overall_verdict, paired, result_rows
 
 BENCH = Path(__file__).resolve().parent
 SETTINGS = ("cifar10-long", "resolution-shift", "mnist-scarce", "fmnist-mild")
@@ -40,13 +40,6 @@ def reference(label: str, labels: list[str], method: str) -> str | None:
     tokens = set(label.split("-")[1:])
     fits = [ref for ref in labels if ref.split("-")[0] == method and set(ref.split("-")[1:]) <= tokens]
     return max(fits, key=lambda ref: len(ref.split("-")), default=None)
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
-    mean = statistics.fmean(values)
-    return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
 
 
 def comparison(rows: list[dict], refs: list[dict]) -> tuple[str, str] | None:

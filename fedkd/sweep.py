@@ -167,7 +167,8 @@ def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out
                        against)
 
 
-def _stat(vals: Sequence[float], digits: int) -> str:
+def mean_std(vals: Sequence[float], digits: int = 4) -> str:
+    """'0.8509 ± 0.0074' (sample std, ddof=1); one value alone; 'n/a' for none."""
     if not vals:
         return "n/a"
     mean = statistics.fmean(vals)
@@ -193,7 +194,7 @@ def sweep_table(rows: list[dict], against: Sequence[str] = ()) -> str:
 
     def keyed_rows(columns: dict[str, list[dict]], keys: list[str], value: Callable[[dict, str], Any]) -> list:
         """One row per key, one mean ± std cell per column, over the seeds that have the value."""
-        return [[k, *(_stat([v for g in grp if (v := value(g, k)) is not None], 4) for grp in columns.values())]
+        return [[k, *(mean_std([v for g in grp if (v := value(g, k)) is not None], 4) for grp in columns.values())]
                 for k in keys]
 
     def second_cell(grp: list[dict]) -> str:
@@ -201,9 +202,9 @@ def sweep_table(rows: list[dict], against: Sequence[str] = ()) -> str:
         if not names:
             return "—"
         return f"{'/'.join(sorted(names))}: " + " / ".join(
-            _stat([v for g in grp if (v := _second(g, k)) is not None], 4) for k in HEADLINES)
+            mean_std([v for g in grp if (v := _second(g, k)) is not None], 4) for k in HEADLINES)
 
-    body = [[label, *(_stat([g[k] for g in grp if g.get(k) is not None], digits.get(k, 4)) for k in keys),
+    body = [[label, *(mean_std([g[k] for g in grp if g.get(k) is not None], digits.get(k, 4)) for k in keys),
              second_cell(grp), len(grp)] for label, grp in groups.items()]
     scores = {r.get("score") or "accuracy" for r in rows}
     headline = HEADLINE.replace("accuracy", scores.pop()) if len(scores) == 1 else HEADLINE
