@@ -178,3 +178,38 @@ def test_dry_run_plans_validates_and_runs_nothing(tmp_path: Path, capsys: pytest
     assert not (out / "sweep.md").exists()
     assert main([*args[:3], "strategy.name=fedavgg", *args[4:]]) == 2  # validated like a real sweep
     assert "did you mean 'fedavg'" in capsys.readouterr().err
+
+
+def test_sweep_runs_each_missing_seed_once_and_says_how_each_ended(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The sweep loop with the runs replaced: a result file per run, one line per finished run
+    (for whoever tails a long sweep's log), sweep.md, and a rerun that runs nothing."""
+    import contextlib
+
+    import fedkd.ray_cluster
+    import fedkd.simulation
+    from fedkd.cli import main
+
+    ran = []
+
+    def fake_run(cfg, run_dir, quiet=False):
+        ran.append((cfg.strategy["name"], cfg.experiment.seed))
+        Path(run_dir).mkdir(parents=True)
+        accuracy = 0.5 + 0.1 * cfg.experiment.seed
+        summary = {"seed": cfg.experiment.seed, "status": "complete", "accuracy": accuracy,
+                   "accuracy_last3": accuracy - 0.01, "wall_seconds": 12.3}
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
+        return Path(run_dir)
+
+    monkeypatch.setattr(fedkd.simulation, "run_experiment", fake_run)
+    monkeypatch.setattr(fedkd.ray_cluster, "warm_ray", lambda enabled: contextlib.nullcontext(None))
+    out = tmp_path / "out"
+    args = ["sweep", "quickstart", "strategy.name=fedavg,fedprox", "--seeds", "0,1", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    assert ran == [("fedavg", 0), ("fedavg", 1), ("fedprox", 0), ("fedprox", 1)]
+    lines = [line for line in capsys.readouterr().err.splitlines() if ": " in line]
+    assert lines[:2] == ["fedavg seed 0: 0.5000 last round, 0.4900 mean of last 3 evaluations; 12 s, complete",
+                         "fedavg seed 1: 0.6000 last round, 0.5900 mean of last 3 evaluations; 12 s, complete"]
+    assert json.loads((out / "fedprox" / "seed1.json").read_text())["accuracy"] == pytest.approx(0.6)
+    assert "| fedavg | 0.5500 ± 0.0707 |" in (out / "sweep.md").read_text()
+    assert main(args) == 0 and len(ran) == 4  # every result exists: nothing runs again
