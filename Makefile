@@ -41,7 +41,7 @@ bench-scale: $(STAMP)
 bench-protocol: $(STAMP)
 	bench/protocol.sh
 
-# Tier 1 of benchmark protocol v2 (seeds 0-2, the four v2 settings; resumable, hours: run it in the background).
+# Benchmark protocol v2: tier 1 (seeds 0-2, the four v2 settings), then tier 2 (seed 0: the specs' variants); resumable, hours: run it in the background.
 bench-protocol-v2: $(STAMP)
 	bench/protocol-v2.sh
 

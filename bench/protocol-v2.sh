@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tier 1 of benchmark protocol v2 (../shared/notes/benchmark-protocol.md), seeds 0-2, in the
 # protocol's order: cifar10-long (PSE, its ablations, resnet8), resolution-shift (MH-pFLID),
-# mnist-scarce and fmnist-mild (the local-KD family), then the std-mnist drop_last record reruns.
+# mnist-scarce and fmnist-mild (the local-KD family), then the std-mnist drop_last record reruns;
+# then tier 2 (`tier2`: the specs' variants, seed 0 only), so the machine never waits between them.
 # `fedkd sweep` skips results that exist and resumes unfinished runs, so a cut-off queue continues
 # where it stopped; one sweep failing does not stop the others. Every sweep of a setting rewrites
 # its sweep.md with the paired verdicts against local training and FedAvg.
@@ -58,6 +59,30 @@ std-mnist() {  # v1's setting, the fidelity check: fedavg and local with drop_la
       --out $R/std-mnist
 }
 
-for setting in "${@:-cifar10-long resolution-shift mnist-scarce fmnist-mild std-mnist}"; do
+tier2() {  # seed 0 only, after tier 1 (protocol v2; pse.md k; local-kd.md 2.5, 3.3; mhpflid.md lambda_l)
+  local SEEDS=0 m s out=$R/cifar10-long
+  for m in cnn resnet8; do  # the v1-defaults row, the selection alone, no weight motion
+    sweep $E/cifar10-long.yaml method.name=pse model.name=$m --out $out --against local-$m,fedavg-$m
+    sweep $E/cifar10-long.yaml method.name=pse model.name=$m --set method.mode=topk --set method.rho=0.1 \
+        --variant topk0.1 --out $out --against local-$m,fedavg-$m
+    sweep $E/cifar10-long.yaml method.name=pse model.name=$m --set method.excite_on=gate \
+        --set method.alpha_max=0.2 --variant gate-amax0.2 --out $out --against local-$m,fedavg-$m
+  done
+  sweep $E/cifar10-long.yaml method.name=pse model.name=resnet8 --set method.excitation=false \
+      --variant attention_only --out $out --against local-resnet8,fedavg-resnet8
+  sweep $E/cifar10-long.yaml method.name=pse model.name=resnet8 --set method.attention=false \
+      --set method.alpha_max=0.2 --variant excitation_only-amax0.2 --out $out --against local-resnet8,fedavg-resnet8
+  sweep $E/resolution-shift-mhpflid.yaml method.name=mhpflid --set method.lambda_local_inj=1.0 \
+      --variant hetero-lambda_l1 --out $R/resolution-shift --against local-hetero
+  for s in mnist-scarce fmnist-mild; do
+    sweep $E/$s.yaml method.name=fml --set method.alpha=0.9 --variant alpha0.9 --out $R/$s --against local,fedavg
+    sweep $E/$s.yaml method.name=fedkd_mentor --set method.mentee_model=cnn_narrow --set method.compress=true \
+        --set method.share=update --variant mentee_cnn_narrow-update_codec --out $R/$s --against local,fedavg
+  done
+  sweep $E/fmnist-mild.yaml method.name=pse --set method.alpha_max=0.2 --variant amax0.2 \
+      --out $R/fmnist-mild --against local,fedavg
+}
+
+for setting in "${@:-cifar10-long resolution-shift mnist-scarce fmnist-mild std-mnist tier2}"; do
   for s in $setting; do "$s"; done
 done
