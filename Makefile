@@ -28,7 +28,7 @@ test-process: $(STAMP)
 	$(PY) -m pytest -q -m "process and not slow" --durations=10
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not e2e and not slow"
+	$(PY) -m pytest -q -m "not e2e and not slow and not process"
 
 bench-overhead: $(STAMP)
 	$(PY) bench/overhead.py

@@ -6,15 +6,19 @@
 # `fedkd sweep` skips results that exist and resumes unfinished runs, so a cut-off queue continues
 # where it stopped; one sweep failing does not stop the others. Every sweep of a setting rewrites
 # its sweep.md with the paired verdicts against local training and FedAvg.
-# Usage: bench/protocol-v2.sh [SETTING ...]   (default: all; FEDKD_DATA_DIR must point at the
-#        shared data, the Makefile sets it; SEEDS=0 for a tier-2 pass; DRY_RUN=1 validates every
-#        sweep and prints its plan, running nothing)
+# Usage: bench/protocol-v2.sh [SETTING ...]   (SETTING: cifar10-long resolution-shift mnist-scarce
+#        fmnist-mild std-mnist tier2; default: all, in that order. FEDKD_DATA_DIR must point at the
+#        shared data, the Makefile sets it; SEEDS=0 runs the tier-1 settings on seed 0 only, tier2
+#        always does; DRY_RUN=1 validates every sweep and prints its plan, running nothing)
 set -u
 FEDKD=${FEDKD:-.venv/bin/fedkd}
 SEEDS=${SEEDS:-0,1,2}
 E=configs/experiment
 R=bench/results
-sweep() { nice -n 19 "$FEDKD" sweep "$@" --seeds "$SEEDS" --quiet ${DRY_RUN:+--dry-run} || echo "sweep failed: $*" >&2; }
+FAILED=0
+sweep() {
+  nice -n 19 "$FEDKD" sweep "$@" --seeds "$SEEDS" --quiet ${DRY_RUN:+--dry-run} || { FAILED=1; echo "sweep failed: $*" >&2; }
+}
 
 cifar10-long() {  # PSE v2 = alpha_max 0.2 (pse.md k); tier 1: no v1-defaults row, no resnet8 ablations
   local out=$R/cifar10-long
@@ -61,6 +65,7 @@ std-mnist() {  # v1's setting, the fidelity check: fedavg and local with drop_la
 
 tier2() {  # seed 0 only, after tier 1 (protocol v2; pse.md k; local-kd.md 2.5, 3.3; mhpflid.md lambda_l)
   local SEEDS=0 m s out=$R/cifar10-long
+  [ "$FAILED" = 0 ] || echo "tier 2 starts although a sweep above failed: tier 1 is not complete" >&2
   for m in cnn resnet8; do  # the v1-defaults row, the selection alone, no weight motion
     sweep $E/cifar10-long.yaml method.name=pse model.name=$m --out $out --against local-$m,fedavg-$m
     sweep $E/cifar10-long.yaml method.name=pse model.name=$m --set method.mode=topk --set method.rho=0.1 \

@@ -10,8 +10,12 @@ reference for a label is the local / FedAvg label with the same model or variant
 against `local-cnn`, `mhpflid-hetero` against `local-hetero`), else the plain one. Labels with no
 result yet are absent; a verdict on fewer seeds than the protocol's three names them.
 
+Then one row per seed method's claim (`CLAIMS`: what the specs state, else our reading of the
+paper): each comparison it needs, whether it holds (see `judge`), and the specs' v2 diagnostics.
+
 `--write` puts each setting's table between `<!-- headline -->` and `<!-- /headline -->` on its
 page and between `<!-- headline:SETTING -->` and `<!-- /headline:SETTING -->` in bench/README.md,
+and, when no SETTING is named, the claims between `<!-- claims -->` and `<!-- /claims -->` there,
 so the pages follow the runs without numbers copied by hand.
 
 Usage: .venv/bin/python bench/protocol_v2.py [--write] [SETTING ...]
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedkd.render import TableOptions, to_markdown
-from fedkd.sweep import HEADLINES, mean_std, overall_verdict, paired, result_rows
+from fedkd.sweep import HEADLINES, compare, mean_std, result_rows, second_model_cell
 
 BENCH = Path(__file__).resolve().parent
 SETTINGS = ("cifar10-long", "resolution-shift", "mnist-scarce", "fmnist-mild")
@@ -42,26 +46,14 @@ def reference(label: str, labels: list[str], method: str) -> str | None:
     return max(fits, key=lambda ref: len(ref.split("-")), default=None)
 
 
-def comparison(rows: list[dict], refs: list[dict]) -> tuple[str, str] | None:
-    """(verdict, '+1.23 / +0.98 (seed 0 only)'): `rows` against `refs` paired by seed, in accuracy
-    points on both headline numbers; None when they share no seed."""
-    pairs = [paired(rows, refs, key) for key in HEADLINES]
-    if not all(pairs):
-        return None
-    verdict = overall_verdict([p.verdict for p in pairs])  # type: ignore[union-attr]
-    seeds = sorted(set.intersection(*(set(p.diffs) for p in pairs)))  # type: ignore[union-attr]
-    diffs = " / ".join(f"{100 * p.mean:+.2f}" for p in pairs)  # type: ignore[union-attr]
-    partial = ("" if len(seeds) >= TIER1_SEEDS else f" (seed {seeds[0]} only)" if len(seeds) == 1
-               else f" (seeds {','.join(map(str, seeds))} only)")
-    return verdict, diffs + partial
-
-
 def verdict_cell(rows: list[dict], refs: list[dict]) -> str:
-    """'**beats** +1.23 / +0.98' (points, last round / last 3), 'tie −0.10 / +0.05', or '—'."""
-    if (found := comparison(rows, refs)) is None:
+    """'**beats** +1.23 ± 0.40 (+ + +) / +0.98 ± 0.31 (+ + +)': `rows` against `refs` paired by
+    seed, in accuracy points (last round / mean of last 3; mean ± std of the per-seed differences,
+    the sign on each seed), with the seeds when fewer than tier 1's; '—' when they share none."""
+    if (c := compare(rows, refs)) is None:
         return "—"
-    verdict, diffs = found
-    return f"**{verdict}** {diffs}" if verdict in ("beats", "loses") else f"{verdict} {diffs}"
+    word = f"**{c.verdict}**" if c.verdict in ("beats", "loses") else c.verdict
+    return f"{word} {' / '.join(p.cell() for p in c.pairs.values())}{c.seeds_note(TIER1_SEEDS)}"
 
 
 def results(setting: str) -> dict[str, list[dict]]:
@@ -81,18 +73,14 @@ def headline_table(setting: str) -> str:
     labels = list(groups)
     body = []
     for label, rows in groups.items():
-        second = {r["second_model"]["name"] for r in rows if r.get("second_model")}
-        second_cell = (f"{'/'.join(sorted(second))} "
-                       + mean_std([r["second_model"]["accuracy"] for r in rows if r.get("second_model")])
-                       if second else "—")
         cells = []
         for method in ("local", "fedavg"):
             ref = reference(label, labels, method)
             cell = "—" if ref in (None, label) else verdict_cell(rows, groups[ref])
             cells.append(cell if cell == "—" else f"{cell} ({ref})")
         body.append([label, *(mean_std([r[k] for r in rows if r.get(k) is not None]) for k in HEADLINES),
-                     second_cell, *cells, str(len(rows))])
-    head = ["run", "last round", "mean of last 3", "second model (last round)",
+                     second_model_cell(rows), *cells, str(len(rows))])
+    head = ["run", "last round", "mean of last 3", "second model (last round / last 3)",
             "vs local: Δ points last / last 3", "vs FedAvg: Δ points last / last 3", "seeds"]
     return to_markdown([("table", head, body, TableOptions(text=frozenset({3, 4, 5})))])
 
@@ -118,12 +106,10 @@ def method_metric(label: str, key: str, name: str, points: bool = False) -> Evid
 
 
 def second_model_of(label: str) -> Evidence:
-    """The second model's last-round accuracy (Ditto's global, FML's meme, ...)."""
+    """The second model (FML's meme, FedKD's mentee, ...): last round / last 3 over seeds."""
     def read(groups: Groups) -> str | None:
-        rows = [r for r in groups.get(label, []) if r.get("second_model")]
-        if not rows:
-            return None
-        return f"{rows[0]['second_model']['name']} {mean_std([r['second_model']['accuracy'] for r in rows])}"
+        cell = second_model_cell(groups.get(label, []))
+        return None if cell == "—" else cell
     return read
 
 
@@ -141,8 +127,8 @@ def bytes_ratio(label: str, ref: str) -> Evidence:
 def versus(label: str, ref: str) -> Evidence:
     """`label` against another reference, paired by seed."""
     def read(groups: Groups) -> str | None:
-        found = comparison(groups.get(label, []), groups.get(ref, []))
-        return f"vs {ref}: {found[0]} {found[1]}" if found else None
+        verdict = verdict_cell(groups.get(label, []), groups.get(ref, []))
+        return None if verdict == "—" else f"vs {ref}: {verdict.replace('**', '')}"
     return read
 
 
@@ -211,24 +197,34 @@ CLAIMS = _claims()
 
 
 def judge(claim: Claim, groups: Groups) -> tuple[str, list[str]]:
-    """('holds' | 'tie' | 'mixed' | 'fails' | 'pending', one cell per reference)."""
-    cells, ok, verdicts = [], [], []
+    """('holds' | 'tie' | 'mixed' | 'fails' | 'open ...' | 'pending', one cell per reference).
+
+    Judged per headline number: ">" needs "beats" on both, ">=" needs no "loses". A claim fails
+    when a comparison loses on a number and beats on neither, is mixed when one comparison goes both
+    ways, and is a tie otherwise. Before every comparison has tier 1's seeds the verdict is open
+    (protocol: a claim is judged on seeds 0-2 only) and says how it reads so far."""
+    cells, comparisons = [], []
     for relation, ref in claim.against:
-        found = comparison(groups.get(claim.label, []), groups.get(ref, []))
-        if found is None:
+        c = compare(groups.get(claim.label, []), groups.get(ref, []))
+        if c is None:
             cells.append(f"{relation} {ref}: pending")
             continue
-        verdict, diffs = found
-        verdicts.append(verdict)
-        ok.append(verdict == "beats" or (relation == ">=" and verdict == "tie"))
-        cells.append(f"{relation} {ref}: {verdict} {diffs}")
-    if len(verdicts) < len(claim.against):
+        comparisons.append((relation, c))
+        cells.append(f"{relation} {ref}: {c.verdict} "
+                     f"{' / '.join(p.cell() for p in c.pairs.values())}{c.seeds_note(TIER1_SEEDS)}")
+    if len(comparisons) < len(claim.against):
         return "pending", cells
-    if all(ok):
-        return "holds", cells
-    if "loses" in verdicts:
-        return "fails", cells
-    return ("tie" if set(verdicts) <= {"beats", "tie"} else "mixed"), cells
+    numbers = [(relation, {p.verdict for p in c.pairs.values()}) for relation, c in comparisons]
+    if all(v == {"beats"} or (relation == ">=" and "loses" not in v) for relation, v in numbers):
+        outcome = "holds"
+    elif any("loses" in v and "beats" not in v for _, v in numbers):
+        outcome = "fails"
+    elif any({"beats", "loses"} <= v for _, v in numbers):
+        outcome = "mixed"
+    else:
+        outcome = "tie"
+    seeds = min(len(c.seeds) for _, c in comparisons)
+    return (outcome if seeds >= TIER1_SEEDS else f"open ({seeds} of {TIER1_SEEDS} seeds; so far: {outcome})"), cells
 
 
 def claims_table(settings: Sequence[str] = SETTINGS) -> str:
@@ -242,7 +238,8 @@ def claims_table(settings: Sequence[str] = SETTINGS) -> str:
             evidence = [e for probe in claim.evidence if (e := probe(groups[claim.setting]))]
             body.append([claim.method, claim.setting, claim.says, "; ".join(cells), word,
                          "; ".join(evidence) or "—"])
-    head = ["method", "setting", "claim", "paired by seed (Δ points last / last 3)", "verdict", "diagnostics"]
+    head = ["method", "setting", "claim", "paired by seed (Δ points: last round / last 3)", "verdict",
+            "diagnostics"]
     return to_markdown([("table", head, body, TableOptions(left=len(head)))])
 
 

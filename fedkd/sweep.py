@@ -170,7 +170,7 @@ def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out
 
 def result_line(plan: PlannedRun, summary: dict) -> str:
     """One line per finished run, for whoever tails a long sweep's log:
-    'local-cnn seed 1: 0.8424 last round, 0.8436 mean of last 3; 589 s, complete'."""
+    'local-cnn seed 1: 0.8424 last round, 0.8436 mean of last 3 evaluations; 589 s, complete'."""
     def number(key: str) -> str:
         return f"{summary[key]:.4f}" if isinstance(summary.get(key), (int, float)) else "n/a"
 
@@ -192,6 +192,15 @@ def _second(row: dict, key: str) -> float | None:
     return (row.get("second_model") or {}).get(key)
 
 
+def second_model_cell(rows: Sequence[dict]) -> str:
+    """'global: 0.4512 ± 0.0100 / 0.4400 ± 0.0090' (last round / last 3 over seeds), or '—'."""
+    names = {(g.get("second_model") or {}).get("name") for g in rows} - {None}
+    if not names:
+        return "—"
+    return f"{'/'.join(sorted(names))}: " + " / ".join(
+        mean_std([v for g in rows if (v := _second(g, k)) is not None], 4) for k in HEADLINES)
+
+
 def sweep_table(rows: list[dict], against: Sequence[str] = ()) -> str:
     """Markdown mean ± std over seeds, one row per run label (± = sample std, ddof=1), then the
     method-reported metrics, the per-architecture headline and the paired comparisons.
@@ -210,15 +219,8 @@ def sweep_table(rows: list[dict], against: Sequence[str] = ()) -> str:
         return [[k, *(mean_std([v for g in grp if (v := value(g, k)) is not None], 4) for grp in columns.values())]
                 for k in keys]
 
-    def second_cell(grp: list[dict]) -> str:
-        names = {(g.get("second_model") or {}).get("name") for g in grp} - {None}
-        if not names:
-            return "—"
-        return f"{'/'.join(sorted(names))}: " + " / ".join(
-            mean_std([v for g in grp if (v := _second(g, k)) is not None], 4) for k in HEADLINES)
-
     body = [[label, *(mean_std([g[k] for g in grp if g.get(k) is not None], digits.get(k, 4)) for k in keys),
-             second_cell(grp), len(grp)] for label, grp in groups.items()]
+             second_model_cell(grp), len(grp)] for label, grp in groups.items()]
     scores = {r.get("score") or "accuracy" for r in rows}
     headline = HEADLINE.replace("accuracy", scores.pop()) if len(scores) == 1 else HEADLINE
     head = ["run", headline, "mean of last 3 evaluations", "unweighted mean", "std across clients",
@@ -290,6 +292,39 @@ def paired(a: Sequence[dict], b: Sequence[dict], key: str) -> Paired | None:
     return Paired(dict(sorted(diffs.items()))) if diffs else None
 
 
+@dataclass
+class Comparison:
+    """A against B on both headline numbers, paired on the same seeds."""
+    pairs: dict[str, Paired]  # headline key -> the per-seed differences
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(next(iter(self.pairs.values())).diffs)
+
+    @property
+    def verdict(self) -> str:
+        return overall_verdict([p.verdict for p in self.pairs.values()])
+
+    def seeds_note(self, of: int) -> str:
+        """'' on all `of` seeds, else ' (seed 0 only)' / ' (seeds 0,1 only)'."""
+        if len(self.seeds) >= of:
+            return ""
+        return f" (seed{'s' if len(self.seeds) > 1 else ''} {','.join(map(str, self.seeds))} only)"
+
+
+def compare(a: Sequence[dict], b: Sequence[dict]) -> Comparison | None:
+    """A's result rows against B's on the seeds where both have both headline numbers (None: no
+    such seed), so the two numbers' verdicts rest on the same runs."""
+    def complete(rows: Sequence[dict]) -> set:
+        return {r.get("seed") for r in rows if all(r.get(k) is not None for k in HEADLINES)}
+
+    seeds = complete(a) & complete(b)
+    if not seeds:
+        return None
+    a, b = [r for r in a if r.get("seed") in seeds], [r for r in b if r.get("seed") in seeds]
+    return Comparison({k: paired(a, b, k) for k in HEADLINES})  # type: ignore[misc]
+
+
 def overall_verdict(verdicts: Sequence[str]) -> str:
     """The protocol: A beats B only with a non-tie in the same direction for both headline numbers;
     both ties is a tie; anything else (one tie, or opposite directions) is 'mixed'."""
@@ -309,15 +344,11 @@ def paired_blocks(rows: Sequence[dict], against: Sequence[str]) -> list[Any]:
         for label, grp in groups.items():
             if label == ref:
                 continue
-            pairs = {k: paired(grp, groups[ref], k) for k in HEADLINES}
-            if not all(pairs.values()):
+            if (c := compare(grp, groups[ref])) is None:
                 continue
-            seeds = sorted(set.intersection(*(set(p.diffs) for p in pairs.values())))
-            verdict = overall_verdict([p.verdict for p in pairs.values()])
-            if len(seeds) == 1:
-                verdict += f" (seed {seeds[0]} only)"
-            body.append([label, *(x for p in pairs.values() for x in (p.cell(), p.verdict)),
-                         verdict, ",".join(map(str, seeds))])
+            verdict = c.verdict + (f" (seed {c.seeds[0]} only)" if len(c.seeds) == 1 else "")
+            body.append([label, *(x for p in c.pairs.values() for x in (p.cell(), p.verdict)),
+                         verdict, ",".join(map(str, c.seeds))])
         if body:
             blocks += [("p", f"Paired by seed against {ref}: difference in accuracy points "
                              "(mean ± sample std of the per-seed differences, sign on each seed); "

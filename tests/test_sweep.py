@@ -201,15 +201,33 @@ def test_sweep_runs_each_missing_seed_once_and_says_how_each_ended(
         (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
         return Path(run_dir)
 
+    def fake_resume(run_dir, quiet=False, ray_address=""):
+        ran.append(("resumed", Path(run_dir).name))
+        summary = {"seed": 1, "status": "complete", "accuracy": 0.6, "accuracy_last3": 0.59, "wall_seconds": 12.3}
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
+        return Path(run_dir)
+
     monkeypatch.setattr(fedkd.simulation, "run_experiment", fake_run)
+    monkeypatch.setattr(fedkd.simulation, "resume_experiment", fake_resume)
     monkeypatch.setattr(fedkd.ray_cluster, "warm_ray", lambda enabled: contextlib.nullcontext(None))
     out = tmp_path / "out"
+    (out / "fedprox" / "seed1").mkdir(parents=True)  # a run an earlier sweep left unfinished
+    (out / "fedprox" / "seed1" / "run.json").write_text(json.dumps({"status": "interrupted"}))
     args = ["sweep", "quickstart", "strategy.name=fedavg,fedprox", "--seeds", "0,1", "--out", str(out), "--quiet"]
     assert main(args) == 0
-    assert ran == [("fedavg", 0), ("fedavg", 1), ("fedprox", 0), ("fedprox", 1)]
+    assert ran == [("fedavg", 0), ("fedavg", 1), ("fedprox", 0), ("resumed", "seed1")]
     lines = [line for line in capsys.readouterr().err.splitlines() if ": " in line]
-    assert lines[:2] == ["fedavg seed 0: 0.5000 last round, 0.4900 mean of last 3 evaluations; 12 s, complete",
-                         "fedavg seed 1: 0.6000 last round, 0.5900 mean of last 3 evaluations; 12 s, complete"]
+    assert lines == [f"{label} seed {seed}: {0.5 + 0.1 * seed:.4f} last round, {0.49 + 0.1 * seed:.4f} mean of "
+                     "last 3 evaluations; 12 s, complete" for label in ("fedavg", "fedprox") for seed in (0, 1)]
     assert json.loads((out / "fedprox" / "seed1.json").read_text())["accuracy"] == pytest.approx(0.6)
     assert "| fedavg | 0.5500 ± 0.0707 |" in (out / "sweep.md").read_text()
     assert main(args) == 0 and len(ran) == 4  # every result exists: nothing runs again
+    assert not [line for line in capsys.readouterr().err.splitlines() if " seed " in line]
+
+
+def test_result_line_of_a_run_without_scores() -> None:
+    from fedkd.sweep import PlannedRun, result_line
+
+    plan = PlannedRun("mhpflid-hetero", 2, None)  # type: ignore[arg-type]
+    assert result_line(plan, {"accuracy": None, "status": "failed"}) == \
+        "mhpflid-hetero seed 2: n/a last round, n/a mean of last 3 evaluations; failed"
