@@ -261,13 +261,15 @@ def client_rows(run_dir: Path, records: Sequence[dict] | None = None) -> list[di
     return rows
 
 
-def write_outputs(run_dir: Path) -> dict:
-    """Write summary.json, clients.csv, figures, report.md and report.html; idempotent re-render."""
+def write_outputs(run_dir: Path, records: Sequence[dict] | None = None) -> dict:
+    """Write summary.json, clients.csv, figures, report.md and report.html; idempotent re-render.
+    `records`: metrics.jsonl when the caller has read it already (a large run's file is read once)."""
     from fedkd import plots  # matplotlib: loaded only when a report is rendered
     from fedkd.report_page import captions as figure_captions, page
 
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    if records is None:
+        records = read_metrics(run_dir / "metrics.jsonl")
     s, rows = summarize(run_dir, records), client_rows(run_dir, records)
     (run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     with open(run_dir / "clients.csv", "w", newline="") as f:

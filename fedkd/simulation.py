@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from fedkd.checkpoint import Checkpoint, load_checkpoint, roll_back
 from fedkd.config import ConfigError, FedkdConfig, to_yaml
@@ -131,11 +131,9 @@ def write_run_info(run_dir: Path, cfg: FedkdConfig, status: str, wall: float | N
     os.replace(tmp, run_dir / RUN_INFO)  # a reader never sees half a status
 
 
-def judge_outcome(run_dir: Path) -> str | None:
-    """Why a run that went through all its rounds still failed (None: it did not)."""
-    from fedkd.report import read_metrics
-
-    records = read_metrics(run_dir / "metrics.jsonl")
+def judge_outcome(records: Sequence[dict]) -> str | None:
+    """Why a run that went through all its rounds still failed (None: it did not); `records`:
+    its metrics.jsonl."""
     train = [r for r in records if r["phase"] == "train"]
     if train and not any(r.get("status") == "ok" for r in train):
         return "no client update was accepted in any round"
@@ -229,19 +227,20 @@ def finish_run(run_dir: Path, cfg: FedkdConfig, recorder: Recorder, status: str,
                started: float) -> None:
     """Close the metrics, judge and record how the run ended, keep the trained model (a complete
     run), render the report (also for a failed or interrupted run)."""
-    from fedkd.report import write_outputs
+    from fedkd.report import read_metrics, write_outputs
 
     recorder.close()
+    records = read_metrics(run_dir / "metrics.jsonl")  # read once: judged here, reported below
     reason = None
     if status == "complete":
-        reason = judge_outcome(run_dir)
+        reason = judge_outcome(records)
         status = "failed" if reason else status
     elif status == "failed":
         reason = "the simulation stopped before its last round"
     if status == "complete":
         keep_model(run_dir, cfg)
     write_run_info(run_dir, cfg, status, time.perf_counter() - started, reason)
-    write_outputs(run_dir)
+    write_outputs(run_dir, records)
 
 
 def keep_model(run_dir: Path, cfg: FedkdConfig) -> None:
