@@ -211,3 +211,20 @@ def test_fedavg_of_one_reply_is_that_reply_bit_for_bit() -> None:
         arrays, _ = aggregate_train(FedAvg(), [fake_reply({"w": w.numpy()}, weight)])
         assert torch.equal(arrays["w"], w)
     assert isinstance(ArrayRecord({"w": w}), ArrayRecord)
+
+
+def test_a_run_through_all_its_rounds_fails_when_nothing_it_did_counts() -> None:
+    from fedkd.simulation import judge_outcome
+
+    def rec(rnd: int, phase: str, status: str) -> dict:  # a skipped round's marker names no client
+        return {"round": rnd, "phase": phase, "status": status, "partition_id": None if status == "skipped" else 0}
+
+    ok_eval = rec(2, "evaluate", "ok")
+    assert judge_outcome([rec(1, "train", "ok"), rec(2, "train", "rejected"), ok_eval]) is None
+    assert judge_outcome([rec(1, "train", "failed"), rec(2, "train", "rejected"), ok_eval]) == \
+        "no client update was accepted in any round"
+    assert judge_outcome([rec(1, "train", "ok"), rec(1, "train", "skipped"), rec(2, "train", "ok"),
+                          rec(2, "train", "skipped"), ok_eval]) == "every round was skipped (too few valid updates)"
+    assert judge_outcome([rec(1, "train", "ok")]) == "no evaluation was recorded"
+    assert judge_outcome([rec(1, "train", "ok"), rec(1, "evaluate", "ok"), rec(2, "evaluate", "failed")]) == \
+        "no client succeeded in the last evaluation (round 2)"
