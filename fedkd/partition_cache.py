@@ -56,7 +56,7 @@ def cached_partition(y: np.ndarray, settings: str, seed: int,
     with contextlib.suppress(OSError, ValueError, KeyError):
         with np.load(path, allow_pickle=False) as stored:
             offsets, flat = stored["offsets"], stored["flat"]
-            return [flat[a:b].astype(np.int64) for a, b in zip(offsets[:-1], offsets[1:])]
+            return [flat[a:b].astype(np.int64, copy=False) for a, b in zip(offsets[:-1], offsets[1:])]  # views
     parts = compute()
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
