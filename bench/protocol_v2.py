@@ -79,10 +79,22 @@ def headline_table(setting: str) -> str:
             cell = "—" if ref in (None, label) else verdict_cell(rows, groups[ref])
             cells.append(cell if cell == "—" else f"{cell} ({ref})")
         body.append([label, *(mean_std([r[k] for r in rows if r.get(k) is not None]) for k in HEADLINES),
-                     second_model_cell(rows), *cells, str(len(rows))])
+                     second_model_cell(rows), *cells, time_cell(rows, groups.get(reference(label, labels, "fedavg") or "")),
+                     str(len(rows))])
     head = ["run", "last round", "mean of last 3", "second model (last round / last 3)",
-            "vs local: Δ points last / last 3", "vs FedAvg: Δ points last / last 3", "seeds"]
+            "vs local: Δ points last / last 3", "vs FedAvg: Δ points last / last 3", "s/round, fastest seed (× FedAvg)", "seeds"]
     return to_markdown([("table", head, body, TableOptions(text=frozenset({3, 4, 5})))])
+
+
+def time_cell(rows: list[dict], fedavg: list[dict] | None) -> str:
+    """s/round of the fastest seed (each run's median over rounds 2..R) and its ratio to FedAvg's
+    fastest of the same model (protocol v2, "Time"). The fastest seed, because a seed that shared
+    the machine with other work is only slower: the least loaded run is the best estimate."""
+    mine = [r["seconds_per_round"] for r in rows if r.get("seconds_per_round")]
+    theirs = [r["seconds_per_round"] for r in fedavg or [] if r.get("seconds_per_round")]
+    if not mine:
+        return "—"
+    return f"{min(mine):.1f}" + (f" ({min(mine) / min(theirs):.1f}×)" if theirs else "")
 
 
 Groups = dict[str, list[dict]]  # run label -> its result rows

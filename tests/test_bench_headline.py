@@ -45,8 +45,10 @@ def test_reference_is_the_local_or_fedavg_label_of_the_same_model_or_variant() -
 
 
 def test_headline_table_pairs_each_label_by_seed(bench: Path) -> None:
-    write_results(bench, "cifar10-long", "local-cnn", [0.80, 0.82, 0.81], [0.79, 0.81, 0.80])
-    write_results(bench, "cifar10-long", "fedavg-cnn", [0.50, 0.52, 0.51], [0.50, 0.52, 0.51])
+    write_results(bench, "cifar10-long", "local-cnn", [0.80, 0.82, 0.81], [0.79, 0.81, 0.80],
+                  seconds_per_round=[10.0, 9.0, 12.0])
+    write_results(bench, "cifar10-long", "fedavg-cnn", [0.50, 0.52, 0.51], [0.50, 0.52, 0.51],
+                  seconds_per_round=[6.0, 5.0, 7.0])
     # +2 points on every seed and both numbers: beats local; noisy around local's: a tie
     write_results(bench, "cifar10-long", "ditto-cnn", [0.82, 0.84, 0.83], [0.81, 0.83, 0.82],
                   second=[0.5, 0.6, 0.7])
@@ -59,8 +61,10 @@ def test_headline_table_pairs_each_label_by_seed(bench: Path) -> None:
     assert "| tie +0.67 ± 2.52 (+ − +) / +0.33 ± 1.15 (+ − +) (local-cnn) |" in rows["fedrep-cnn"]
     assert "| **loses** -10.00 ± 0.00 (− −) / -9.50 ± 0.71 (− −) (seeds 0,1 only) (local-cnn) |" \
         in rows["pse-cnn-amax0.2"]
+    # no second model, no reference of its own; the fastest seed's s/round against FedAvg's fastest
     assert rows["local-cnn"].endswith("| — | — | **beats** +30.00 ± 0.00 (+ + +) / +29.00 ± 0.00 (+ + +) "
-                                      "(fedavg-cnn) | 3 |")  # no second model, no reference of its own
+                                      "(fedavg-cnn) | 9.0 (1.8×) | 3 |")
+    assert rows["ditto-cnn"].endswith("| — | 3 |")  # no timing recorded
     assert headline.headline_table("mnist-scarce") == "No result yet.\n"
 
 
