@@ -160,7 +160,7 @@ def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out
                     shutil.rmtree(run_dir)  # holds no run (cut before it was created)
                 simulation.run_experiment(plan.cfg, run_dir, quiet=quiet)
             shutil.copyfile(run_dir / "summary.json", plan.result(out))
-            err.print(result_line(plan, json.loads(plan.result(out).read_text())))
+            err.print(result_line(plan, json.loads(plan.result(out).read_text())), markup=False)
     mine = [{"run": p.label, **json.loads(p.result(out).read_text())} for p in plans]
     everything = result_rows(out, planned)
     (out / "sweep.md").write_text(sweep_table(everything, against) + "\n")
