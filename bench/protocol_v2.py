@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedkd.render import TableOptions, to_markdown
-from fedkd.sweep import HEADLINES, compare, mean_std, result_rows, second_model_cell
+from fedkd.sweep import HEADLINES, Comparison, by_label, compare, mean_std, result_rows, second_model_cell
 
 BENCH = Path(__file__).resolve().parent
 SETTINGS = ("cifar10-long", "resolution-shift", "mnist-scarce", "fmnist-mild")
@@ -46,23 +46,26 @@ def reference(label: str, labels: list[str], method: str) -> str | None:
     return max(fits, key=lambda ref: len(ref.split("-")), default=None)
 
 
-def verdict_cell(rows: list[dict], refs: list[dict]) -> str:
-    """'**beats** +1.23 ± 0.40 (+ + +) / +0.98 ± 0.31 (+ + +)': `rows` against `refs` paired by
-    seed, in accuracy points (last round / mean of last 3; mean ± std of the per-seed differences,
-    the sign on each seed), with the seeds when fewer than tier 1's; '—' when they share none."""
-    if (c := compare(rows, refs)) is None:
-        return "—"
-    word = f"**{c.verdict}**" if c.verdict in ("beats", "loses") else c.verdict
+def describe(c: Comparison, bold: bool = False) -> str:
+    """'beats +1.23 ± 0.40 (+ + +) / +0.98 ± 0.31 (+ + +)': the verdict, then in accuracy points
+    (last round / mean of last 3) the mean ± std of the per-seed differences and the sign on each
+    seed, with the seeds when fewer than tier 1's; `bold`: a beats or loses verdict in bold."""
+    word = f"**{c.verdict}**" if bold and c.verdict in ("beats", "loses") else c.verdict
     return f"{word} {' / '.join(p.cell() for p in c.pairs.values())}{c.seeds_note(TIER1_SEEDS)}"
 
 
-def results(setting: str) -> dict[str, list[dict]]:
+def verdict_cell(rows: list[dict], refs: list[dict]) -> str:
+    """`rows` against `refs` paired by seed (`describe`, in bold), '—' when they share no seed."""
+    c = compare(rows, refs)
+    return "—" if c is None else describe(c, bold=True)
+
+
+Groups = dict[str, list[dict]]  # run label -> its result rows
+
+
+def results(setting: str) -> Groups:
     """Run label -> its complete result rows (one per seed) under bench/results/SETTING."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in result_rows(BENCH / "results" / setting):
-        if row.get("status") == "complete":
-            groups[row["run"]].append(row)
-    return dict(groups)
+    return dict(by_label([r for r in result_rows(BENCH / "results" / setting) if r.get("status") == "complete"]))
 
 
 def headline_table(setting: str) -> str:
@@ -73,13 +76,13 @@ def headline_table(setting: str) -> str:
     labels = list(groups)
     body = []
     for label, rows in groups.items():
+        refs = {method: reference(label, labels, method) for method in ("local", "fedavg")}
         cells = []
-        for method in ("local", "fedavg"):
-            ref = reference(label, labels, method)
+        for ref in refs.values():
             cell = "—" if ref in (None, label) else verdict_cell(rows, groups[ref])
             cells.append(cell if cell == "—" else f"{cell} ({ref})")
         body.append([label, *(mean_std([r[k] for r in rows if r.get(k) is not None]) for k in HEADLINES),
-                     second_model_cell(rows), *cells, time_cell(rows, groups.get(reference(label, labels, "fedavg") or "")),
+                     second_model_cell(rows), *cells, time_cell(rows, groups.get(refs["fedavg"] or "")),
                      str(len(rows))])
     head = ["run", "last round", "mean of last 3", "second model (last round / last 3)",
             "vs local: Δ points last / last 3", "vs FedAvg: Δ points last / last 3", "s/round, fastest seed (× FedAvg)", "seeds"]
@@ -97,7 +100,6 @@ def time_cell(rows: list[dict], fedavg: list[dict] | None) -> str:
     return f"{min(mine):.1f}" + (f" ({min(mine) / min(theirs):.1f}×)" if theirs else "")
 
 
-Groups = dict[str, list[dict]]  # run label -> its result rows
 Evidence = Callable[[Groups], str | None]  # one diagnostic, None while its runs are missing
 
 
@@ -105,15 +107,12 @@ def _values(rows: list[dict], get: Callable[[dict], float | None]) -> list[float
     return [v for r in rows if (v := get(r)) is not None]
 
 
-def method_metric(label: str, key: str, name: str, points: bool = False) -> Evidence:
-    """A method-reported metric of `label` (summary.json's extra_metrics), mean ± std over seeds."""
+def method_metric(label: str, key: str, name: str) -> Evidence:
+    """A method-reported accuracy difference of `label` (summary.json's extra_metrics), in points,
+    mean over seeds."""
     def read(groups: Groups) -> str | None:
         vals = _values(groups.get(label, []), lambda r: (r.get("extra_metrics") or {}).get(key))
-        if not vals:
-            return None
-        if points:
-            return f"{name} {100 * statistics.fmean(vals):+.2f} points"
-        return f"{name} {mean_std(vals)}"
+        return f"{name} {100 * statistics.fmean(vals):+.2f} points" if vals else None
     return read
 
 
@@ -139,8 +138,8 @@ def bytes_ratio(label: str, ref: str) -> Evidence:
 def versus(label: str, ref: str) -> Evidence:
     """`label` against another reference, paired by seed."""
     def read(groups: Groups) -> str | None:
-        verdict = verdict_cell(groups.get(label, []), groups.get(ref, []))
-        return None if verdict == "—" else f"vs {ref}: {verdict.replace('**', '')}"
+        c = compare(groups.get(label, []), groups.get(ref, []))
+        return None if c is None else f"vs {ref}: {describe(c)}"
     return read
 
 
@@ -183,9 +182,9 @@ def _claims() -> list[Claim]:
                  f"PSE v2 ({m}) > FedAvg, >= FedRep, >= Ditto",
                  (versus(f"pse-{m}-amax0.2", f"local-{m}"),
                   method_metric(f"pse-{m}-amax0.2", "post-minus-pre-excitation-accuracy",
-                                "excitation post − pre (fused)", points=True),
+                                "excitation post − pre (fused)"),
                   method_metric(f"pse-{m}-amax0.2", "post-minus-pre-excitation-local-accuracy",
-                                "(local head)", points=True)))
+                                "(local head)")))
            for m in ("cnn", "resnet8")]
     out.append(Claim("MH-pFLID", "resolution-shift", "mhpflid-hetero", ((">", "local-hetero"),),
                      "local models > the same architectures trained alone",
@@ -222,8 +221,7 @@ def judge(claim: Claim, groups: Groups) -> tuple[str, list[str]]:
             cells.append(f"{relation} {ref}: pending")
             continue
         comparisons.append((relation, c))
-        cells.append(f"{relation} {ref}: {c.verdict} "
-                     f"{' / '.join(p.cell() for p in c.pairs.values())}{c.seeds_note(TIER1_SEEDS)}")
+        cells.append(f"{relation} {ref}: {describe(c)}")
     if len(comparisons) < len(claim.against):
         return "pending", cells
     numbers = [(relation, {p.verdict for p in c.pairs.values()}) for relation, c in comparisons]

@@ -101,6 +101,14 @@ def result_labels(out: Path, first: Sequence[str] = ()) -> list[str]:
     return list(dict.fromkeys([*first, *sorted(p.parent.name for p in out.glob("*/seed*.json"))]))
 
 
+def by_label(rows: Sequence[dict]) -> defaultdict[str, list[dict]]:
+    """Result rows grouped by run label, labels in first-seen order (a missing label: no rows)."""
+    groups: defaultdict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r["run"]].append(r)
+    return groups
+
+
 def _seed_of(path: Path) -> int:
     return int(path.stem.removeprefix("seed"))
 
@@ -207,9 +215,7 @@ def sweep_table(rows: list[dict], against: Sequence[str] = ()) -> str:
 
     n seeds counts the rows of a label (the stats are over those rows), not distinct `seed` values.
     """
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[r["run"]].append(r)
+    groups = by_label(rows)
     keys = ["accuracy", "accuracy_last3", "accuracy_unweighted", "accuracy_std", "accuracy_worst10",
             "best_accuracy", "seconds_per_round", "bytes_sent_per_client_round"]
     digits = {"seconds_per_round": 2, "bytes_sent_per_client_round": 0}
@@ -335,9 +341,7 @@ def overall_verdict(verdicts: Sequence[str]) -> str:
 
 def paired_blocks(rows: Sequence[dict], against: Sequence[str]) -> list[Any]:
     """One table per reference label: every other label against it, paired by seed."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[r["run"]].append(r)
+    groups = by_label(rows)
     blocks: list[Any] = []
     for ref in against:
         body = []
@@ -346,7 +350,7 @@ def paired_blocks(rows: Sequence[dict], against: Sequence[str]) -> list[Any]:
                 continue
             if (c := compare(grp, groups[ref])) is None:
                 continue
-            verdict = c.verdict + (f" (seed {c.seeds[0]} only)" if len(c.seeds) == 1 else "")
+            verdict = c.verdict + c.seeds_note(2)  # one seed has no std: say which
             body.append([label, *(x for p in c.pairs.values() for x in (p.cell(), p.verdict)),
                          verdict, ",".join(map(str, c.seeds))])
         if body:
