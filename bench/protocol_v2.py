@@ -46,6 +46,14 @@ def reference(label: str, labels: list[str], method: str) -> str | None:
     return max(fits, key=lambda ref: len(ref.split("-")), default=None)
 
 
+def row_order(labels: list[str]) -> list[str]:
+    """Rows grouped by their local reference; in each group local, then FedAvg, then the rest, so
+    a reader meets the references before the rows compared with them."""
+    rank = {"local": 0, "fedavg": 1}
+    return sorted(labels, key=lambda label: (reference(label, labels, "local") or "",
+                                             rank.get(label.split("-")[0], 2), label))
+
+
 def describe(c: Comparison, bold: bool = False) -> str:
     """'beats +1.23 ± 0.40 (+ + +) / +0.98 ± 0.31 (+ + +)': the verdict, then in accuracy points
     (last round / mean of last 3) the mean ± std of the per-seed differences and the sign on each
@@ -75,7 +83,8 @@ def headline_table(setting: str) -> str:
         return "No result yet.\n"
     labels = list(groups)
     body = []
-    for label, rows in groups.items():
+    for label in row_order(labels):
+        rows = groups[label]
         refs = {method: reference(label, labels, method) for method in ("local", "fedavg")}
         cells = []
         for ref in refs.values():

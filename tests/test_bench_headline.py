@@ -44,6 +44,15 @@ def test_reference_is_the_local_or_fedavg_label_of_the_same_model_or_variant() -
     assert headline.reference("ditto-resnet8", ["local-cnn"], "local") is None
 
 
+def test_rows_meet_their_references_first() -> None:
+    labels = ["ditto-cnn", "fedavg-cnn", "fedavg-resnet8", "local-cnn", "local-resnet8", "pse-cnn-amax0.2"]
+    assert headline.row_order(labels) == ["local-cnn", "fedavg-cnn", "ditto-cnn", "pse-cnn-amax0.2",
+                                          "local-resnet8", "fedavg-resnet8"]
+    shift = ["fedavg", "fedavg-cnn_bn", "fedbn-cnn_bn", "local", "local-hetero", "mhpflid-hetero"]
+    assert headline.row_order(shift) == ["local", "fedavg", "fedavg-cnn_bn", "fedbn-cnn_bn",
+                                         "local-hetero", "mhpflid-hetero"]
+
+
 def test_headline_table_pairs_each_label_by_seed(bench: Path) -> None:
     write_results(bench, "cifar10-long", "local-cnn", [0.80, 0.82, 0.81], [0.79, 0.81, 0.80],
                   seconds_per_round=[10.0, 9.0, 12.0])
