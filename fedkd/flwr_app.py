@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import time
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -20,7 +19,7 @@ from fedkd.apps import run_server
 from fedkd.config import ConfigError, load_config
 from fedkd.data import DataError
 from fedkd.recorder import Recorder
-from fedkd.simulation import finish_run, num_nodes, prepare_run_dir, write_run_info
+from fedkd.simulation import RunClock, finish_run, num_nodes, prepare_run_dir, write_run_info
 
 server_app = ServerApp()
 
@@ -81,14 +80,14 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
     grid.get_node_ids = lambda: sorted(all_nodes())[:nodes]  # type: ignore[method-assign]
     log(logging.INFO, "fedkd: %s, %d rounds, %d clients on %d node(s); run directory %s",
         cfg.experiment.name, cfg.train.rounds, cfg.data.num_clients, nodes, run_dir)
-    started, status = time.perf_counter(), "failed"
+    clock, status = RunClock(), "failed"
     write_run_info(run_dir, cfg, "running", None)
     recorder = Recorder(run_dir)
     try:
         run_server(grid, cfg, run_dir, recorder)
         status = "complete"
     finally:
-        finish_run(run_dir, cfg, recorder, status, started)
+        finish_run(run_dir, cfg, recorder, status, clock)
     summary = json.loads((run_dir / "summary.json").read_text())
     log(logging.INFO, "fedkd: run %s, last-round accuracy (example-weighted) %s; report %s",
         summary.get("status", status), summary.get("accuracy"), run_dir / "report.md")

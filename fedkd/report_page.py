@@ -163,7 +163,9 @@ def page(s: dict, rows: list[dict], figures: dict[str, tuple[str, str]],
                 f"strategy: {s['strategy']}", f"dataset: {s['dataset']}", f"clients: {s['num_clients']}",
                 f"rounds: {s['rounds_completed']} completed of {_fmt(s['rounds'])} (status: {s['status']})",
                 f"evaluated: {evaluated}",
-                f"time: {_fmt(s['seconds_per_round'], 2)} s/round (median), {_fmt(s['wall_seconds'], 1)} s wall"]),
+                f"time: {_fmt(s['seconds_per_round'], 2)} s/round (median), {_fmt(s['wall_seconds'], 1)} s wall"
+                + (f" (resumed after round {', '.join(map(str, s['resumed_after_rounds']))})"
+                   if s.get("resumed_after_rounds") else "")]),
         *([("line", f"Incomplete run: {s['resume']}.")] if s.get("resume") else []),
         *([("p", f"Status {s['status']}: {s['status_reason']}.")] if s.get("status_reason") else []),
         ("h2", "Results"), ("table", ["metric", "value"], _headline_rows(s)),

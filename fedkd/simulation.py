@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -105,8 +106,38 @@ def quiet_flower(enabled: bool) -> Iterator[None]:
         logger.removeFilter(drop)
 
 
-def run_info(cfg: FedkdConfig, status: str, wall: float | None, reason: str | None = None) -> dict:
-    """run.json: how the run ended (and why, when it failed), which model was evaluated, when."""
+@dataclass
+class RunClock:
+    """A run's wall time over all its segments: this process's, plus, for a resumed run, the
+    recorded round times up to the checkpoint it continues from (rounds redone after a resume are
+    counted once), so a resumed run reports about what the run takes uninterrupted.
+    `resumed_after`: the checkpoint round each resume continued after, oldest first."""
+
+    earlier: float = 0.0
+    resumed_after: tuple[int, ...] = ()
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def resuming(cls, run_dir: Path, checkpoint: Checkpoint | None) -> "RunClock":
+        """The clock of a run continuing after `checkpoint` (None: from the start), read once
+        its metrics are rolled back to it and before run.json is rewritten."""
+        if checkpoint is None:
+            return cls()
+        from fedkd.report import read_metrics
+
+        earlier = sum(r.get("seconds") or 0.0 for r in read_metrics(run_dir / "metrics.jsonl")
+                      if r["phase"] == "round")
+        previous = json.loads((run_dir / RUN_INFO).read_text()).get("resumed_after_rounds") or []
+        return cls(earlier, (*previous, checkpoint.round))
+
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.started
+
+
+def run_info(cfg: FedkdConfig, status: str, wall: float | None, reason: str | None = None,
+             resumed_after: Sequence[int] = ()) -> dict:
+    """run.json: how the run ended (and why, when it failed), which model was evaluated, when,
+    its wall time (all segments, `RunClock`) and the rounds it was resumed after."""
     from fedkd.registry import METHODS
 
     client = METHODS[cfg.method["name"]].client
@@ -119,15 +150,16 @@ def run_info(cfg: FedkdConfig, status: str, wall: float | None, reason: str | No
     models = (list(cfg.model.per_client) or [cfg.model.name]) if client.uses_model_config else None
     return {"evaluated_model": evaluates, "evaluated_when": when, "score": client.score,
             "client_models": models, "wall_seconds": wall,
+            "resumed_after_rounds": list(resumed_after),
             "second_model": (dict(zip(("name", "metric"), client.second_model))
                              if client.second_model else None), "status": status,
             "status_reason": reason}
 
 
 def write_run_info(run_dir: Path, cfg: FedkdConfig, status: str, wall: float | None,
-                   reason: str | None = None) -> None:
+                   reason: str | None = None, resumed_after: Sequence[int] = ()) -> None:
     tmp = run_dir / f".{RUN_INFO}.tmp"
-    tmp.write_text(json.dumps(run_info(cfg, status, wall, reason), indent=2))
+    tmp.write_text(json.dumps(run_info(cfg, status, wall, reason, resumed_after), indent=2))
     os.replace(tmp, run_dir / RUN_INFO)  # a reader never sees half a status
 
 
@@ -186,8 +218,8 @@ def execute(cfg: FedkdConfig, run_dir: Path, checkpoint: Checkpoint | None, quie
     (`locked`: the caller already holds its RunLock)."""
     with nullcontext() if locked else RunLock(run_dir):  # held until the run ends, or dies
         roll_back(run_dir, checkpoint)
-        started = time.perf_counter()
-        write_run_info(run_dir, cfg, "running", None)
+        clock = RunClock.resuming(run_dir, checkpoint)
+        write_run_info(run_dir, cfg, "running", None, resumed_after=clock.resumed_after)
         progress = RunProgress(cfg.train.rounds, disabled=quiet)
         recorder = Recorder(run_dir, listener=progress.update)
         status = "failed"
@@ -200,7 +232,7 @@ def execute(cfg: FedkdConfig, run_dir: Path, checkpoint: Checkpoint | None, quie
             mark_interrupted(exc, run_dir)
             raise
         finally:
-            finish_run(run_dir, cfg, recorder, status, started)
+            finish_run(run_dir, cfg, recorder, status, clock)
     return run_dir
 
 
@@ -224,7 +256,7 @@ def simulate(cfg: FedkdConfig, run_dir: Path, recorder: Recorder, progress: RunP
 
 
 def finish_run(run_dir: Path, cfg: FedkdConfig, recorder: Recorder, status: str,
-               started: float) -> None:
+               clock: RunClock) -> None:
     """Close the metrics, judge and record how the run ended, keep the trained model (a complete
     run), render the report (also for a failed or interrupted run)."""
     from fedkd.report import read_metrics, write_outputs
@@ -239,7 +271,7 @@ def finish_run(run_dir: Path, cfg: FedkdConfig, recorder: Recorder, status: str,
         reason = "the simulation stopped before its last round"
     if status == "complete":
         keep_model(run_dir, cfg)
-    write_run_info(run_dir, cfg, status, time.perf_counter() - started, reason)
+    write_run_info(run_dir, cfg, status, clock.seconds(), reason, clock.resumed_after)
     write_outputs(run_dir, records)
 
 

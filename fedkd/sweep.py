@@ -182,8 +182,10 @@ def result_line(plan: PlannedRun, summary: dict) -> str:
     def number(key: str) -> str:
         return f"{summary[key]:.4f}" if isinstance(summary.get(key), (int, float)) else "n/a"
 
-    wall = summary.get("wall_seconds")
+    wall, resumed = summary.get("wall_seconds"), summary.get("resumed_after_rounds")
     took = f"{wall:.0f} s, " if isinstance(wall, (int, float)) else ""
+    if resumed:
+        took += f"resumed after round {', '.join(map(str, resumed))}, "
     scores = ", ".join(f"{number(key)} {title}" for key, title in HEADLINES.items())
     return f"{plan.label} seed {plan.seed}: {scores}; {took}{summary.get('status')}"
 

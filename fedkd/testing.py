@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
@@ -135,7 +134,7 @@ class InProcessGrid(Grid):
 
 #: what may differ between two runs of the same config and seed (wall-clock measurements)
 TIMING_FIELDS = frozenset({"seconds", "worker_pid", "wall_seconds", "seconds_per_round",
-                           "train_seconds", "status_reason"})
+                           "train_seconds", "status_reason", "resumed_after_rounds"})
 
 
 def comparable_records(run_dir: str | Path) -> list[dict]:
@@ -158,7 +157,7 @@ def run_in_process(cfg: "FedkdConfig", run_dir: str | Path, grid: InProcessGrid,
     from fedkd.apps import run_server
     from fedkd.checkpoint import load_checkpoint, roll_back
     from fedkd.recorder import Recorder
-    from fedkd.simulation import finish_run, prepare_run_dir
+    from fedkd.simulation import RunClock, finish_run, prepare_run_dir
 
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").exists():
@@ -166,10 +165,11 @@ def run_in_process(cfg: "FedkdConfig", run_dir: str | Path, grid: InProcessGrid,
     checkpoint = load_checkpoint(run_dir) if resume else None
     if resume:
         roll_back(run_dir, checkpoint)
-    recorder, status, started = Recorder(run_dir), "failed", time.perf_counter()
+    clock = RunClock.resuming(run_dir, checkpoint)
+    recorder, status = Recorder(run_dir), "failed"
     try:
         run_server(grid, cfg, run_dir, recorder, checkpoint)
         status = "complete"
     finally:
-        finish_run(run_dir, cfg, recorder, status, started)  # run.json's wall_seconds
+        finish_run(run_dir, cfg, recorder, status, clock)  # run.json's wall_seconds
     return run_dir

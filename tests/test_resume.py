@@ -105,11 +105,18 @@ def test_resume_after_a_checkpoint_and_mid_round_is_exact(tmp_path: Path, overri
     after_ckpt = _interrupted_then_resumed(cfg, tmp_path / "a", after_checkpoint=1)
     # 2 nodes x (train + evaluate) per round: message 10 is round 3's train, second node
     mid_round = _interrupted_then_resumed(cfg, tmp_path / "b", at_message=10)
-    for resumed in (after_ckpt, mid_round):
+    for resumed, after in ((after_ckpt, 1), (mid_round, 2)):
         assert comparable_records(resumed) == comparable_records(whole)
         assert _summary(resumed) == _summary(whole)
         assert _clients(resumed) == _clients(whole)
         assert run_status(resumed) == "complete"
+        # the wall time spans both segments: at least every recorded round's time
+        summary = json.loads((resumed / "summary.json").read_text())
+        rounds = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+        assert summary["resumed_after_rounds"] == [after]
+        assert summary["wall_seconds"] >= sum(r["seconds"] for r in rounds if r["phase"] == "round")
+        assert f"(resumed after round {after})" in (resumed / "report.md").read_text()
+    assert json.loads((whole / "summary.json").read_text())["resumed_after_rounds"] == []
 
 
 def test_resume_of_a_staged_centralized_method_is_exact(tmp_path: Path) -> None:

@@ -231,3 +231,13 @@ def test_result_line_of_a_run_without_scores() -> None:
     plan = PlannedRun("mhpflid-hetero", 2, None)  # type: ignore[arg-type]
     assert result_line(plan, {"accuracy": None, "status": "failed"}) == \
         "mhpflid-hetero seed 2: n/a last round, n/a mean of last 3 evaluations; failed"
+
+
+def test_result_line_of_a_resumed_run_says_after_which_rounds() -> None:
+    from fedkd.sweep import PlannedRun, result_line
+
+    plan = PlannedRun("pse-cnn", 0, None)  # type: ignore[arg-type]
+    summary = {"accuracy": 0.86, "accuracy_last3": 0.85, "wall_seconds": 1850.4,
+               "resumed_after_rounds": [30], "status": "complete"}
+    assert result_line(plan, summary) == ("pse-cnn seed 0: 0.8600 last round, 0.8500 mean of last 3 "
+                                          "evaluations; 1850 s, resumed after round 30, complete")
