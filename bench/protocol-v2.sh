@@ -2,14 +2,15 @@
 # Tier 1 of benchmark protocol v2 (../shared/notes/benchmark-protocol.md), seeds 0-2, in the
 # protocol's order: cifar10-long (PSE, its ablations, resnet8), resolution-shift (MH-pFLID),
 # mnist-scarce and fmnist-mild (the local-KD family), then the std-mnist drop_last record reruns;
-# then tier 2 (`tier2`: the specs' variants, seed 0 only), so the machine never waits between them.
+# then tier 2 (`tier2`: the specs' variants, seed 0 only) and `tier2-seeds` (seeds 1-2 of the tier-2
+# PSE rows within 1 point of the best PSE row on seed 0, pse.md k), so the machine never waits.
 # `fedkd sweep` skips results that exist and resumes unfinished runs, so a cut-off queue continues
 # where it stopped; one sweep failing does not stop the others. Every sweep of a setting rewrites
 # its sweep.md with the paired verdicts against local training and FedAvg.
 # Usage: bench/protocol-v2.sh [SETTING ...]   (SETTING: cifar10-long resolution-shift mnist-scarce
-#        fmnist-mild std-mnist tier2; default: all, in that order. FEDKD_DATA_DIR must point at the
-#        shared data, the Makefile sets it; SEEDS=0 runs the tier-1 settings on seed 0 only, tier2
-#        always does; DRY_RUN=1 validates every sweep and prints its plan, running nothing)
+#        fmnist-mild std-mnist tier2 tier2-seeds; default: all, in that order. FEDKD_DATA_DIR must
+#        point at the shared data, the Makefile sets it; SEEDS=0 runs the tier-1 settings on seed 0
+#        only, tier2 always does; DRY_RUN=1 validates every sweep and prints its plan, running nothing)
 set -u
 FEDKD=${FEDKD:-.venv/bin/fedkd}
 SEEDS=${SEEDS:-0,1,2}
@@ -64,19 +65,10 @@ std-mnist() {  # v1's setting, the fidelity check: fedavg and local with drop_la
 }
 
 tier2() {  # seed 0 only, after tier 1 (protocol v2; pse.md k; local-kd.md 2.5, 3.3; mhpflid.md lambda_l)
-  local SEEDS=0 m s out=$R/cifar10-long
+  local SEEDS=0 s
   [ "$FAILED" = 0 ] || echo "tier 2 starts although a sweep above failed: tier 1 is not complete" >&2
-  for m in cnn resnet8; do  # the v1-defaults row, the selection alone, no weight motion
-    sweep $E/cifar10-long.yaml method.name=pse model.name=$m --out $out --against local-$m,fedavg-$m
-    sweep $E/cifar10-long.yaml method.name=pse model.name=$m --set method.mode=topk --set method.rho=0.1 \
-        --variant topk0.1 --out $out --against local-$m,fedavg-$m
-    sweep $E/cifar10-long.yaml method.name=pse model.name=$m --set method.excite_on=gate \
-        --set method.alpha_max=0.2 --variant gate-amax0.2 --out $out --against local-$m,fedavg-$m
-  done
-  sweep $E/cifar10-long.yaml method.name=pse model.name=resnet8 --set method.excitation=false \
-      --variant attention_only --out $out --against local-resnet8,fedavg-resnet8
-  sweep $E/cifar10-long.yaml method.name=pse model.name=resnet8 --set method.attention=false \
-      --set method.alpha_max=0.2 --variant excitation_only-amax0.2 --out $out --against local-resnet8,fedavg-resnet8
+  pse_rows cnn
+  pse_rows resnet8
   sweep $E/resolution-shift-mhpflid.yaml method.name=mhpflid --set method.lambda_local_inj=1.0 \
       --variant hetero-lambda_l1 --out $R/resolution-shift --against local-hetero
   for s in mnist-scarce fmnist-mild; do
@@ -87,7 +79,36 @@ tier2() {  # seed 0 only, after tier 1 (protocol v2; pse.md k; local-kd.md 2.5, 
   sweep $E/fmnist-mild.yaml method.name=pse --set method.alpha_max=0.2 --variant amax0.2 \
       --out $R/fmnist-mild --against local,fedavg
 }
+# pse_rows MODEL: tier 2's PSE rows on cifar10-long: the v1 defaults, the selection alone, no weight
+# motion, and on resnet8 the two ablations; with ONLY set, just the labels it names
+pse_rows() {
+  local m=$1 out=$R/cifar10-long
+  row pse-$m $E/cifar10-long.yaml method.name=pse model.name=$m --out $out --against local-$m,fedavg-$m
+  row pse-$m-topk0.1 $E/cifar10-long.yaml method.name=pse model.name=$m --set method.mode=topk \
+      --set method.rho=0.1 --variant topk0.1 --out $out --against local-$m,fedavg-$m
+  row pse-$m-gate-amax0.2 $E/cifar10-long.yaml method.name=pse model.name=$m --set method.excite_on=gate \
+      --set method.alpha_max=0.2 --variant gate-amax0.2 --out $out --against local-$m,fedavg-$m
+  [ "$m" = resnet8 ] || return 0
+  row pse-$m-attention_only $E/cifar10-long.yaml method.name=pse model.name=$m --set method.excitation=false \
+      --variant attention_only --out $out --against local-$m,fedavg-$m
+  row pse-$m-excitation_only-amax0.2 $E/cifar10-long.yaml method.name=pse model.name=$m \
+      --set method.attention=false --set method.alpha_max=0.2 --variant excitation_only-amax0.2 --out $out \
+      --against local-$m,fedavg-$m
+}
+row() {  # row LABEL SWEEP-ARGS...: the sweep, unless ONLY is set and does not name LABEL
+  local label=$1; shift
+  [ -z "${ONLY+x}" ] || [[ " $ONLY " == *" $label "* ]] || return 0
+  sweep "$@"
+}
+tier2-seeds() {  # pse.md k: seeds 1-2 for every tier-2 PSE row within 1 point of the best PSE row on seed 0
+  local SEEDS=1,2 m ONLY
+  for m in cnn resnet8; do
+    ONLY=$(.venv/bin/python bench/protocol_v2.py cifar10-long --near-best pse-$m) || { FAILED=1; continue; }
+    echo "tier 2, seeds 1-2 on $m: ${ONLY:-no row within 1 point of the best}" >&2
+    pse_rows $m
+  done
+}
 
-for setting in "${@:-cifar10-long resolution-shift mnist-scarce fmnist-mild std-mnist tier2}"; do
+for setting in "${@:-cifar10-long resolution-shift mnist-scarce fmnist-mild std-mnist tier2 tier2-seeds}"; do
   for s in $setting; do "$s"; done
 done

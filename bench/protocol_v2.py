@@ -18,6 +18,9 @@ page and between `<!-- headline:SETTING -->` and `<!-- /headline:SETTING -->` in
 and, when no SETTING is named, the claims between `<!-- claims -->` and `<!-- /claims -->` there,
 so the pages follow the runs without numbers copied by hand.
 
+`--near-best PREFIX SETTING` prints the tier-2 rows to rerun on seeds 1-2 (`bench/protocol-v2.sh`'s
+`tier2-seeds`).
+
 Usage: .venv/bin/python bench/protocol_v2.py [--write] [SETTING ...]
 """
 
@@ -262,6 +265,21 @@ def claims_table(settings: Sequence[str] = SETTINGS) -> str:
     return to_markdown([("table", head, body, TableOptions(left=len(head)))])
 
 
+def near_best(setting: str, prefix: str, points: float = 1.0) -> list[str]:
+    """The labels `prefix` or `prefix-...` that have seed 0 but not seeds 1-2 and whose seed-0 result
+    is within `points` accuracy points of the best such row on either headline number (including
+    rows that have every seed): the tier-2 rows pse.md k reruns on seeds 1-2."""
+    groups = {label: rows for label, rows in results(setting).items()
+              if label == prefix or label.startswith(f"{prefix}-")}
+    seed0 = {label: row for label, rows in groups.items() for row in rows if row["seed"] == 0}
+    def close(label: str) -> bool:
+        return any(seed0[label].get(k) is not None and 100 * (best - seed0[label][k]) <= points
+                   for k in HEADLINES if (best := max((r[k] for r in seed0.values()
+                                                       if r.get(k) is not None), default=None)) is not None)
+    return [label for label in sorted(seed0)
+            if not {1, 2} <= {r["seed"] for r in groups[label]} and close(label)]
+
+
 def replace_between(text: str, tag: str, table: str) -> str:
     """`text` with the lines between `<!-- TAG -->` and `<!-- /TAG -->` replaced by `table`."""
     pattern = re.compile(rf"(<!-- {re.escape(tag)} -->\n).*?(<!-- /{re.escape(tag)} -->)", re.S)
@@ -274,7 +292,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("settings", nargs="*", metavar="SETTING", help=f"default: all of {', '.join(SETTINGS)}")
     parser.add_argument("--write", action="store_true", help="update the setting pages and bench/README.md")
+    parser.add_argument("--near-best", metavar="PREFIX", help="print the labels of SETTING starting with PREFIX "
+                        "that pse.md k reruns on seeds 1-2 (seed 0 within 1 point of the best), and exit")
     args = parser.parse_args()
+    if args.near_best:
+        if len(args.settings) != 1:
+            parser.error("--near-best needs exactly one SETTING")
+        print(" ".join(near_best(args.settings[0], args.near_best)))
+        return
     for setting in args.settings:
         if setting not in SETTINGS:
             parser.error(f"setting {setting!r}: one of {', '.join(SETTINGS)}")

@@ -171,3 +171,14 @@ def test_write_fills_the_markers_of_every_page_and_the_index(bench: Path, monkey
     assert "FedNTD-kept" in index.read_text()
     with pytest.raises(SystemExit, match="^no <!-- headline --> .* markers to write between$"):
         headline.replace_between("no markers here\n", "headline", "x")
+
+
+def test_near_best_names_the_seed_0_rows_within_a_point_of_the_best(bench: Path) -> None:
+    write_results(bench, "cifar10-long", "pse-cnn-amax0.2", [0.860, 0.85, 0.87], [0.850, 0.84, 0.86])
+    write_results(bench, "cifar10-long", "pse-cnn", [0.851], [0.830])  # within 1 point on the last round
+    write_results(bench, "cifar10-long", "pse-cnn-topk0.1", [0.840], [0.845])  # ... on the mean of last 3
+    write_results(bench, "cifar10-long", "pse-cnn-gate-amax0.2", [0.849], [0.838])  # 1.1 / 1.2 points off
+    write_results(bench, "cifar10-long", "pse-cnn_bn", [0.99], [0.99])  # another model: not a pse-cnn row
+    assert headline.near_best("cifar10-long", "pse-cnn") == ["pse-cnn", "pse-cnn-topk0.1"]
+    assert headline.near_best("cifar10-long", "pse-cnn_bn") == ["pse-cnn_bn"]  # the best row itself
+    assert headline.near_best("mnist-scarce", "pse-cnn") == []
