@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedkd.render import TableOptions, to_markdown
+from fedkd.report import was_loaded
 from fedkd.sweep import HEADLINES, Comparison, by_label, compare, mean_std, result_rows, second_model_cell
 
 BENCH = Path(__file__).resolve().parent
@@ -103,13 +104,18 @@ def headline_table(setting: str) -> str:
 
 def time_cell(rows: list[dict], fedavg: list[dict] | None) -> str:
     """s/round of the fastest seed (each run's median over rounds 2..R) and its ratio to FedAvg's
-    fastest of the same model (protocol v2, "Time"). The fastest seed, because a seed that shared
-    the machine with other work is only slower: the least loaded run is the best estimate."""
-    mine = [r["seconds_per_round"] for r in rows if r.get("seconds_per_round")]
-    theirs = [r["seconds_per_round"] for r in fedavg or [] if r.get("seconds_per_round")]
-    if not mine:
+    fastest of the same model (protocol v2, "Time"), among the seeds that had the machine to
+    themselves (`was_loaded`); when every seed was loaded, the fastest, marked loaded. The fastest,
+    because a seed that shared the machine with other work is only slower."""
+    def fastest(group: list[dict]) -> tuple[float, bool] | None:
+        timed = [(r["seconds_per_round"], was_loaded(r)) for r in group if r.get("seconds_per_round")]
+        return min(timed, key=lambda t: (t[1], t[0]), default=None)
+
+    mine, theirs = fastest(rows), fastest(fedavg or [])
+    if mine is None:
         return "—"
-    return f"{min(mine):.1f}" + (f" ({min(mine) / min(theirs):.1f}×)" if theirs else "")
+    ratio = f" ({mine[0] / theirs[0]:.1f}×)" if theirs else ""
+    return f"{mine[0]:.1f}{ratio}" + (" loaded" if mine[1] or (theirs and theirs[1]) else "")
 
 
 Evidence = Callable[[Groups], str | None]  # one diagnostic, None while its runs are missing

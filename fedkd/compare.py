@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from fedkd import plots
 from fedkd.render import Block, TableOptions, _fmt, to_html, to_markdown
-from fedkd.report import BEST, HEADLINE, _config, client_rows, summarize
+from fedkd.report import BEST, HEADLINE, _config, client_rows, summarize, was_loaded
 
 #: keys that say where a run lived or how it was scheduled, not what was run
 IGNORED_KEYS = ("experiment.output_dir", "data.data_dir", "simulation.ray_address")
@@ -76,7 +76,7 @@ def compare(run_dirs: Sequence[Path], out_dir: Path) -> str:
         ("worst-10% mean", lambda s: _fmt(s["accuracy_worst10"])),
         (BEST, lambda s: f"{_fmt(s['best_accuracy'])} (round {_fmt(s['best_round'])})"),
         ("central accuracy", lambda s: _fmt(s["central_accuracy"])),
-        ("s/round (median)", lambda s: _fmt(s["seconds_per_round"], 2)),
+        ("s/round (median)", lambda s: _fmt(s["seconds_per_round"], 2) + (" (loaded)" if was_loaded(s) else "")),
         ("failures", lambda s: s["failures"]),
         ("status", lambda s: s["status"]),
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -127,7 +128,10 @@ class Recorder:
                     "accuracy": accuracy, "num_examples": num_examples})
 
     def round_time(self, server_round: int, seconds: float) -> None:
-        self.write({"round": server_round, "phase": "round", "seconds": seconds})
+        """The round's wall time, with the driver machine's 1-minute load average and CPU count
+        at its end: the report marks a run whose rounds shared the machine as loaded."""
+        self.write({"round": server_round, "phase": "round", "seconds": seconds,
+                    "load": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()})
 
     def close(self) -> None:
         self._file.close()

@@ -160,6 +160,24 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def machine_load(rounds: Sequence[dict]) -> dict | None:
+    """The median 1-minute load average at the end of rounds 2..R (all rounds if fewer), the CPU
+    count and whether the run was loaded: a median above CPUs + 1, more than the run's own actors
+    and driver account for, so other work competed and its s/round is not a timing figure
+    (benchmark protocol v2, "Time"). None for records without the load (older runs)."""
+    loads = [r for r in rounds if r.get("load") is not None]
+    later = [r for r in loads if r["round"] >= 2] or loads
+    if not later:
+        return None
+    median, cpus = statistics.median(r["load"] for r in later), max(r.get("cpus") or 1 for r in later)
+    return {"median_load": median, "cpus": cpus, "loaded": median > cpus + 1}
+
+
+def was_loaded(summary: dict) -> bool:
+    """Whether a summary's rounds shared the machine (`machine_load`); False when not recorded."""
+    return bool((summary.get("machine_load") or {}).get("loaded"))
+
+
 def summarize(run_dir: Path, records: Sequence[dict] | None = None) -> dict:
     """The content of summary.json (see module docstring for the headline protocol);
     `records`: metrics.jsonl already read (`write_outputs` reads it once)."""
@@ -218,6 +236,7 @@ def summarize(run_dir: Path, records: Sequence[dict] | None = None) -> dict:
         "failed_clients": [{"round": r["round"], "phase": r["phase"], "partition_id": r.get("partition_id"),
                             "error": error_line(r.get("error"))} for r in failed],
         "seconds_per_round": statistics.median(later) if later else None,
+        "machine_load": machine_load([r for r in records if r["phase"] == "round"]),
         "wall_seconds": run.get("wall_seconds"),
         "resumed_after_rounds": run.get("resumed_after_rounds") or [], "status": status,
         "status_reason": run.get("status_reason"),

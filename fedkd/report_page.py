@@ -17,7 +17,7 @@ from rich.table import Table
 
 from fedkd import plots
 from fedkd.render import Block, Failure, TableOptions, _fmt, human_bytes
-from fedkd.report import BEST, HEADLINE, _get
+from fedkd.report import BEST, HEADLINE, _get, was_loaded
 
 #: above this many clients the tables show a summary and the SHOWN worst and best clients
 MANY_CLIENTS = plots.MANY_CLIENTS
@@ -154,6 +154,15 @@ def captions(s: dict, rows: list[dict], partition: dict, cfg: dict) -> dict[str,
     return out
 
 
+def _load_note(s: dict) -> str:
+    """'; machine load 2.6 on 2 CPUs' and, for a loaded run, why its time is no timing figure."""
+    load = s.get("machine_load")
+    if not load:
+        return ""
+    note = f"; machine load {load['median_load']:.1f} on {load['cpus']} CPUs"
+    return note + (" (loaded: other work shared the machine; not a timing figure)" if was_loaded(s) else "")
+
+
 def page(s: dict, rows: list[dict], figures: dict[str, tuple[str, str]],
                    fails: list[Failure]) -> list[Block]:
     evaluated = f"{s['evaluated_model'] or 'unknown'} model, {s['evaluated_when'] or 'when: n/a'}"
@@ -165,7 +174,7 @@ def page(s: dict, rows: list[dict], figures: dict[str, tuple[str, str]],
                 f"evaluated: {evaluated}",
                 f"time: {_fmt(s['seconds_per_round'], 2)} s/round (median), {_fmt(s['wall_seconds'], 1)} s wall"
                 + (f" (resumed after round {', '.join(map(str, s['resumed_after_rounds']))})"
-                   if s.get("resumed_after_rounds") else "")]),
+                   if s.get("resumed_after_rounds") else "") + _load_note(s)]),
         *([("line", f"Incomplete run: {s['resume']}.")] if s.get("resume") else []),
         *([("p", f"Status {s['status']}: {s['status_reason']}.")] if s.get("status_reason") else []),
         ("h2", "Results"), ("table", ["metric", "value"], _headline_rows(s)),

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from fedkd.config import ConfigError, FedkdConfig, load_config, suggest
 from fedkd.console import err
-from fedkd.report import HEADLINE, to_markdown
+from fedkd.report import HEADLINE, to_markdown, was_loaded
 
 #: the protocol's two headline numbers: summary.json key -> column title
 HEADLINES = {"accuracy": "last round", "accuracy_last3": "mean of last 3 evaluations"}
@@ -227,8 +227,13 @@ def sweep_table(rows: list[dict], against: Sequence[str] = ()) -> str:
         return [[k, *(mean_std([v for g in grp if (v := value(g, k)) is not None], 4) for grp in columns.values())]
                 for k in keys]
 
-    body = [[label, *(mean_std([g[k] for g in grp if g.get(k) is not None], digits.get(k, 4)) for k in keys),
-             second_model_cell(grp), len(grp)] for label, grp in groups.items()]
+    def cell(grp: list[dict], k: str) -> str:
+        text = mean_std([g[k] for g in grp if g.get(k) is not None], digits.get(k, 4))
+        loaded = sum(map(was_loaded, grp)) if k == "seconds_per_round" else 0
+        return f"{text} ({loaded} loaded)" if loaded else text
+
+    body = [[label, *(cell(grp, k) for k in keys), second_model_cell(grp), len(grp)]
+            for label, grp in groups.items()]
     scores = {r.get("score") or "accuracy" for r in rows}
     headline = HEADLINE.replace("accuracy", scores.pop()) if len(scores) == 1 else HEADLINE
     head = ["run", headline, "mean of last 3 evaluations", "unweighted mean", "std across clients",

@@ -134,7 +134,7 @@ class InProcessGrid(Grid):
 
 #: what may differ between two runs of the same config and seed (wall-clock measurements)
 TIMING_FIELDS = frozenset({"seconds", "worker_pid", "wall_seconds", "seconds_per_round",
-                           "train_seconds", "status_reason", "resumed_after_rounds"})
+                           "train_seconds", "status_reason", "resumed_after_rounds", "machine_load"})
 
 
 def comparable_records(run_dir: str | Path) -> list[dict]:

@@ -182,3 +182,13 @@ def test_near_best_names_the_seed_0_rows_within_a_point_of_the_best(bench: Path)
     assert headline.near_best("cifar10-long", "pse-cnn") == ["pse-cnn", "pse-cnn-topk0.1"]
     assert headline.near_best("cifar10-long", "pse-cnn_bn") == ["pse-cnn_bn"]  # the best row itself
     assert headline.near_best("mnist-scarce", "pse-cnn") == []
+
+
+def test_time_takes_the_fastest_seed_that_had_the_machine_to_itself() -> None:
+    def seeds(*runs: tuple[float, bool]) -> list[dict]:
+        return [{"seconds_per_round": t, "machine_load": {"median_load": 4.0 if busy else 2.5, "cpus": 2,
+                                                          "loaded": busy}} for t, busy in runs]
+    fedavg = seeds((5.0, False), (4.0, True))  # 4.0 shared the machine: 5.0 is FedAvg's figure
+    assert headline.time_cell(seeds((9.0, True), (10.0, False)), fedavg) == "10.0 (2.0×)"
+    assert headline.time_cell(seeds((9.0, True), (12.0, True)), fedavg) == "9.0 (1.8×) loaded"
+    assert headline.time_cell([{"seconds_per_round": 8.0}], None) == "8.0"  # recorded before loads

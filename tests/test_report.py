@@ -90,6 +90,29 @@ def test_headline_and_spread(run: Path) -> None:
     assert (s["evaluated_model"], s["status"], s["wall_seconds"]) == ("personalized", "interrupted", 21.0)
 
 
+def test_machine_load_marks_a_run_whose_rounds_shared_the_machine() -> None:
+    from fedkd.report import machine_load
+
+    def rounds(*loads: float) -> list[dict]:
+        return [{"round": i + 1, "phase": "round", "seconds": 1.0, "load": x, "cpus": 2}
+                for i, x in enumerate(loads)]
+    # round 1 (start-up) is left out of the median, as for s/round; the run's own 2 actors: ~2-3
+    assert machine_load(rounds(9.0, 2.4, 2.9, 2.6)) == {"median_load": 2.6, "cpus": 2, "loaded": False}
+    assert machine_load(rounds(0.5, 3.4, 4.1, 2.2))["loaded"] is True  # median 3.4 > 2 + 1
+    assert machine_load(rounds(3.5)) == {"median_load": 3.5, "cpus": 2, "loaded": True}  # one round only
+    assert machine_load([{"round": 2, "phase": "round", "seconds": 1.0}]) is None  # recorded before loads
+
+
+def test_report_says_when_a_runs_rounds_shared_the_machine(tmp_path: Path) -> None:
+    busy = [{"round": r, "phase": "round", "seconds": 5.0, "load": 4.2, "cpus": 2} for r in (2, 3)]
+    run = make_run(tmp_path / "busy", extra=busy)
+    write_outputs(run)
+    assert json.loads((run / "summary.json").read_text())["machine_load"] == \
+        {"median_load": 4.2, "cpus": 2, "loaded": True}
+    assert "machine load 4.2 on 2 CPUs (loaded: other work shared the machine; not a timing figure)" \
+        in " ".join((run / "report.md").read_text().split())  # the list item wraps
+
+
 def test_failures(run: Path) -> None:
     s = summarize(run)
     assert s["failures"] == 1

@@ -90,6 +90,14 @@ def test_sweep_table_carries_paired_verdicts_for_both_headlines() -> None:
     assert "mean of last 3 evaluations" in md
 
 
+def test_sweep_table_counts_the_seeds_whose_rounds_shared_the_machine() -> None:
+    table = rows("a", [0.9, 0.8], [0.9, 0.8])
+    for r, (secs, busy) in zip(table, [(10.0, True), (12.0, False)]):
+        r.update(seconds_per_round=secs, machine_load={"median_load": 3.5, "cpus": 2, "loaded": busy})
+    line = next(ln for ln in sweep_table(table).splitlines() if ln.startswith("| a "))
+    assert "| 11.00 ± 1.41 (1 loaded) |" in line
+
+
 def test_one_seed_says_so() -> None:
     md = sweep_table(rows("a", [0.9], [0.9]) + rows("b", [0.8], [0.8]), against=["b"])
     assert "beats (seed 0 only)" in md
