@@ -199,9 +199,9 @@ def _claims() -> list[Claim]:
                  ((">", f"fedavg-{m}"), (">=", f"fedrep-{m}"), (">=", f"ditto-{m}")),
                  f"PSE v2 ({m}) > FedAvg, >= FedRep, >= Ditto",
                  (versus(f"pse-{m}-amax0.2", f"local-{m}"),
-                  method_metric(f"pse-{m}-amax0.2", "post-minus-pre-excitation-accuracy",
+                  method_metric(f"pse-{m}-amax0.2", "post_minus_pre_excitation_accuracy",
                                 "excitation post − pre (fused)"),
-                  method_metric(f"pse-{m}-amax0.2", "post-minus-pre-excitation-local-accuracy",
+                  method_metric(f"pse-{m}-amax0.2", "post_minus_pre_excitation_local_accuracy",
                                 "(local head)")))
            for m in ("cnn", "resnet8")]
     out.append(Claim("MH-pFLID", "resolution-shift", "mhpflid-hetero", ((">", "local-hetero"),),

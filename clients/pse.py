@@ -49,9 +49,9 @@ ASSUMED (spec section g; each a setting, the spec's suggested default first):
   "pre-excitation-accuracy", "post-excitation-accuracy", "pre-excitation-local-accuracy",
   "post-excitation-local-accuracy", plus "alpha-mean-<conv>" per low-level conv. The four
   accuracies of the round a client trained are repeated in its evaluation metrics of that round,
-  where the report's per-method extras read them; summary.json adds "post-minus-pre-excitation-
-  accuracy" (and -local-), the mean over clients and rounds the v2 tables report. The passes use no RNG and change no parameter
-  or BN statistic, so a run is bit-identical with the diagnostic off.
+  where the report's per-method extras read them; summary.json adds "post_minus_pre_excitation_
+  accuracy" (and _local_), the mean over clients and rounds the v2 tables report. The passes use no
+  RNG and change no parameter or BN statistic, so a run is bit-identical with the diagnostic off.
 - B5 `low_level`: [] = the model's `low_level_blocks` (CNN: conv1+conv2; ResNets: stem+layer1);
   FC layers are never excited. The conv layers and their BN are found by module type.
 - B6 tokens: the two pooled feature vectors (the spec's "spatial" token variant is not

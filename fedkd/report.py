@@ -144,15 +144,17 @@ def per_factor(partition: dict, evals: Sequence[dict]) -> dict[str, dict]:
 
 
 def before_after_gains(trained: Sequence[dict]) -> dict[str, float]:
-    """Mean over clients and rounds of `post-X` − `pre-X` for each pair a method logs while
-    training, as "post-minus-pre-X": PSE's excitation diagnostic (pse.md §c.4b; a clearly
-    negative value means the step damages the model the personalized epoch must repair)."""
+    """Mean over clients and rounds of `post_X` − `pre_X` for each pair a method logs while
+    training (a client's "pre-X" metric, as the recorder writes it), as "post_minus_pre_X":
+    PSE's excitation diagnostic (pse.md §c.4b; a clearly negative value means the step damages
+    the model the personalized epoch must repair)."""
     diffs: dict[str, list[float]] = defaultdict(list)
     for r in trained:
         for k, pre in r.items():
-            post = r.get("post-" + k.removeprefix("pre-"))
-            if k.startswith("pre-") and _number(pre) and _number(post):
-                diffs["post-minus-pre-" + k.removeprefix("pre-")].append(post - pre)
+            name = k.removeprefix("pre_")
+            post = r.get(f"post_{name}")
+            if k.startswith("pre_") and _number(pre) and _number(post):
+                diffs[f"post_minus_pre_{name}"].append(post - pre)
     return {k: statistics.fmean(v) for k, v in sorted(diffs.items())}
 
 

@@ -128,8 +128,8 @@ def test_claims_carry_the_specs_diagnostics(bench: Path) -> None:
                   per_factor=factors(0.6, 0.52, 0.43, 0.35))
     write_results(bench, "cifar10-long", "local-cnn", [0.75], [0.75])
     write_results(bench, "cifar10-long", "pse-cnn-amax0.2", [0.8], [0.8],
-                  extra_metrics=[{"post-minus-pre-excitation-accuracy": -0.031,
-                                  "post-minus-pre-excitation-local-accuracy": 0.002}])
+                  extra_metrics=[{"post_minus_pre_excitation_accuracy": -0.031,
+                                  "post_minus_pre_excitation_local_accuracy": 0.002}])
     write_results(bench, "fmnist-mild", "fedkd_mentor", [0.8], [0.8], bytes_sent_per_client_round=[4000])
     write_results(bench, "fmnist-mild", "fedkd_mentor-mentee_cnn_narrow", [0.8], [0.8],
                   bytes_sent_per_client_round=[1000])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from fedkd.recorder import Recorder
 from fedkd.report import (client_table, read_metrics, summarize, write_outputs)
 from fedkd.sweep import sweep_table
 
@@ -209,15 +210,20 @@ def test_sweep_table_gives_the_per_architecture_headline_over_seeds(run: Path) -
 
 def test_before_after_pairs_become_their_mean_difference_over_clients_and_rounds(tmp_path: Path) -> None:
     """PSE's excitation diagnostic (pse.md §c.4b): every PSE row reports the mean over clients
-    and rounds of post − pre excitation accuracy; a failed or unpaired record does not count."""
-    extra = [_rec(4, "train", 0, 0.9, **{"pre-excitation-accuracy": 0.50, "post-excitation-accuracy": 0.40,
-                                          "pre-excitation-local-accuracy": 0.6, "post-excitation-local-accuracy": 0.6}),
-             _rec(4, "train", 1, 0.9, **{"pre-excitation-accuracy": 0.70, "post-excitation-accuracy": 0.75}),
-             _rec(5, "train", 2, 0.9, **{"pre-excitation-accuracy": 0.20}),  # no post: unpaired
-             _rec(5, "train", 0, None, "failed", **{"pre-excitation-accuracy": 0.0,
-                                                    "post-excitation-accuracy": 1.0})]
+    and rounds of post − pre excitation accuracy; a failed or unpaired record does not count.
+    The records are the recorder's, from the metric names a PSE client sends."""
+    recorder = Recorder(tmp_path / "recorded")
+    sent = [(4, 0, {"pre-excitation-accuracy": 0.50, "post-excitation-accuracy": 0.40,
+                    "pre-excitation-local-accuracy": 0.6, "post-excitation-local-accuracy": 0.6}, None),
+            (4, 1, {"pre-excitation-accuracy": 0.70, "post-excitation-accuracy": 0.75}, None),
+            (5, 2, {"pre-excitation-accuracy": 0.20}, None),  # no post: unpaired
+            (5, 0, {"pre-excitation-accuracy": 0.0, "post-excitation-accuracy": 1.0}, "failed")]
+    for rnd, pid, metrics, error in sent:
+        recorder.client(rnd, "train", pid, {"num-examples": 10, "accuracy": 0.9, **metrics}, error)
+    recorder.close()
+    extra = read_metrics(tmp_path / "recorded" / "metrics.jsonl")
     s = summarize(make_run(tmp_path / "pse", extra=extra))
-    assert s["extra_metrics"]["post-minus-pre-excitation-accuracy"] == pytest.approx((-0.10 + 0.05) / 2)
-    assert s["extra_metrics"]["post-minus-pre-excitation-local-accuracy"] == pytest.approx(0.0)
+    assert s["extra_metrics"]["post_minus_pre_excitation_accuracy"] == pytest.approx((-0.10 + 0.05) / 2)
+    assert s["extra_metrics"]["post_minus_pre_excitation_local_accuracy"] == pytest.approx(0.0)
     md = sweep_table([{"run": "pse", **s}])
-    assert "| post-minus-pre-excitation-accuracy | -0.0250 |" in md
+    assert "| post_minus_pre_excitation_accuracy | -0.0250 |" in md
