@@ -52,6 +52,20 @@ def cluster_processes(temp_dir: str) -> list[psutil.Process]:
     return procs
 
 
+def descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Every process below `procs` not in it: Ray retitles its agents and workers (`ray::...`), so
+    their command lines no longer name the temp dir, and they outlive a raylet that is stopped
+    alone. Read them while their parents still run: an orphan is reparented and not found again."""
+    seen, found = {p.pid for p in procs}, []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            for child in proc.children(recursive=True):
+                if child.pid not in seen and child.pid != os.getpid():
+                    seen.add(child.pid)
+                    found.append(child)
+    return found
+
+
 def _stop(temp_dir: str, keep_watchdog: bool = False) -> None:
     """End the processes of the cluster that lives under `temp_dir`, its watchdog last.
 
@@ -62,6 +76,7 @@ def _stop(temp_dir: str, keep_watchdog: bool = False) -> None:
     procs = cluster_processes(temp_dir)
     watchdogs = [p for p in procs if WATCHDOG in p.info["cmdline"]]  # read by cluster_processes
     cluster = [p for p in procs if p not in watchdogs]
+    cluster += descendants(cluster)
     for proc in cluster:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from fedkd import ray_cluster
-from fedkd.ray_cluster import cluster_processes, reap_when_orphaned
+from fedkd.ray_cluster import cluster_processes, descendants, reap_when_orphaned
 
 STARTER = """
 import sys, time
@@ -46,15 +46,26 @@ def test_a_killed_driver_does_not_leave_its_cluster_running(sig: signal.Signals)
         assert starter.stdout is not None and starter.stdout.readline().strip()  # cluster is up
         temp_dir = watchdog_of(starter.pid).cmdline()[-1]
         assert len(cluster_processes(temp_dir)) > 1  # the watchdog and the cluster itself
+        # Ray's agents and workers: retitled `ray::...`, found only as the raylet's children
+        retitled = descendants(cluster_processes(temp_dir))
+        assert any(p.name().startswith("ray::") or "ray::" in " ".join(p.cmdline()) for p in retitled)
         os.kill(starter.pid, sig)
         starter.wait()
         deadline = time.monotonic() + 30
-        while cluster_processes(temp_dir) and time.monotonic() < deadline:
+        while (cluster_processes(temp_dir) or any(map(_alive, retitled))) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not cluster_processes(temp_dir)
+        assert not [p.pid for p in retitled if _alive(p)]  # none outlives the raylet
     finally:
         if starter.poll() is None:
             starter.kill()
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _stand_in_cluster(temp_dir: str) -> subprocess.Popen:
