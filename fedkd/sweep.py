@@ -178,7 +178,8 @@ def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out
 
 def result_line(plan: PlannedRun, summary: dict) -> str:
     """One line per finished run, for whoever tails a long sweep's log:
-    'local-cnn seed 1: 0.8424 last round, 0.8436 mean of last 3 evaluations; 589 s, complete'."""
+    'local-cnn seed 1: 0.8424 last round, 0.8436 mean of last 3 evaluations; 589 s, complete' (and
+    'resumed after round 30', 'loaded' before the status when they apply)."""
     def number(key: str) -> str:
         return f"{summary[key]:.4f}" if isinstance(summary.get(key), (int, float)) else "n/a"
 
@@ -186,6 +187,8 @@ def result_line(plan: PlannedRun, summary: dict) -> str:
     took = f"{wall:.0f} s, " if isinstance(wall, (int, float)) else ""
     if resumed:
         took += f"resumed after round {', '.join(map(str, resumed))}, "
+    if was_loaded(summary):
+        took += "loaded, "
     scores = ", ".join(f"{number(key)} {title}" for key, title in HEADLINES.items())
     return f"{plan.label} seed {plan.seed}: {scores}; {took}{summary.get('status')}"
 

@@ -249,3 +249,5 @@ def test_result_line_of_a_resumed_run_says_after_which_rounds() -> None:
                "resumed_after_rounds": [30], "status": "complete"}
     assert result_line(plan, summary) == ("pse-cnn seed 0: 0.8600 last round, 0.8500 mean of last 3 "
                                           "evaluations; 1850 s, resumed after round 30, complete")
+    summary["machine_load"] = {"median_load": 3.6, "cpus": 2, "loaded": True}
+    assert result_line(plan, summary).endswith("; 1850 s, resumed after round 30, loaded, complete")
