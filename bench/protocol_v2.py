@@ -278,12 +278,13 @@ def near_best(setting: str, prefix: str, points: float = 1.0) -> list[str]:
     groups = {label: rows for label, rows in results(setting).items()
               if label == prefix or label.startswith(f"{prefix}-")}
     seed0 = {label: row for label, rows in groups.items() for row in rows if row["seed"] == 0}
-    def close(label: str) -> bool:
-        return any(seed0[label].get(k) is not None and 100 * (best - seed0[label][k]) <= points
-                   for k in HEADLINES if (best := max((r[k] for r in seed0.values()
-                                                       if r.get(k) is not None), default=None)) is not None)
+    best = {k: max(vals) for k in HEADLINES if (vals := [r[k] for r in seed0.values() if r.get(k) is not None])}
+
+    def close(row: dict) -> bool:
+        return any(row.get(k) is not None and 100 * (top - row[k]) <= points for k, top in best.items())
+
     return [label for label in sorted(seed0)
-            if not {1, 2} <= {r["seed"] for r in groups[label]} and close(label)]
+            if not {1, 2} <= {r["seed"] for r in groups[label]} and close(seed0[label])]
 
 
 def replace_between(text: str, tag: str, table: str) -> str:

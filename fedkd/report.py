@@ -175,6 +175,12 @@ def machine_load(rounds: Sequence[dict]) -> dict | None:
     return {"median_load": median, "cpus": cpus, "loaded": median > cpus + 1}
 
 
+def resumed_note(summary: dict) -> str:
+    """'resumed after round 30' ('30, 45' for two resumes), or '' for a run never resumed."""
+    rounds = summary.get("resumed_after_rounds")
+    return f"resumed after round {', '.join(map(str, rounds))}" if rounds else ""
+
+
 def was_loaded(summary: dict) -> bool:
     """Whether a summary's rounds shared the machine (`machine_load`); False when not recorded."""
     return bool((summary.get("machine_load") or {}).get("loaded"))

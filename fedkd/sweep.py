@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from fedkd.config import ConfigError, FedkdConfig, load_config, suggest
 from fedkd.console import err
-from fedkd.report import HEADLINE, to_markdown, was_loaded
+from fedkd.report import HEADLINE, resumed_note, to_markdown, was_loaded
 
 #: the protocol's two headline numbers: summary.json key -> column title
 HEADLINES = {"accuracy": "last round", "accuracy_last3": "mean of last 3 evaluations"}
@@ -183,10 +183,10 @@ def result_line(plan: PlannedRun, summary: dict) -> str:
     def number(key: str) -> str:
         return f"{summary[key]:.4f}" if isinstance(summary.get(key), (int, float)) else "n/a"
 
-    wall, resumed = summary.get("wall_seconds"), summary.get("resumed_after_rounds")
+    wall = summary.get("wall_seconds")
     took = f"{wall:.0f} s, " if isinstance(wall, (int, float)) else ""
-    if resumed:
-        took += f"resumed after round {', '.join(map(str, resumed))}, "
+    if resumed_note(summary):
+        took += f"{resumed_note(summary)}, "
     if was_loaded(summary):
         took += "loaded, "
     scores = ", ".join(f"{number(key)} {title}" for key, title in HEADLINES.items())
