@@ -58,7 +58,7 @@ from fedkd.clients.base import (Arrays, ClientData, EvalResult, RoundInfo, batch
 from fedkd.clients.kd_training import (EarlyStop, jitter_offsets, shift_images,
                                        stratified_holdout)
 from fedkd.clients.staged import StagedMethod, Stages, stage_of
-from fedkd.config import ConfigError, FedkdConfig, flat_config, from_yaml, setting
+from fedkd.config import ConfigError, FedkdConfig, first_difference, from_yaml, setting
 from fedkd.kd import soft_hard_loss
 from fedkd.metrics import agreement, expected_calibration_error
 from fedkd.models import FedModel, build_model, mlp
@@ -116,14 +116,18 @@ def check_teacher_source(cfg: FedkdConfig, teacher_from: str) -> Path:
         raise ConfigError("method.teacher_from", teacher_from,
                           "a finished kd run's directory (run.json status complete, state/0.pt); "
                           "run the teacher's experiment first")
-    theirs = flat_config(from_yaml((source / "config.yaml").read_text()))
-    for key, mine in flat_config(cfg).items():
-        teacher_key = key == "experiment.seed" or key.startswith(("data.", "train.", "method."))
-        if teacher_key and key not in NOT_TEACHER and theirs.get(key) != mine:
-            raise ConfigError("method.teacher_from", teacher_from,
-                              f"a kd run that trained this run's teacher; it has {key}="
-                              f"{theirs.get(key)!r}, this run {mine!r}")
+    changed = first_difference(cfg, from_yaml((source / "config.yaml").read_text()), teacher_key)
+    if changed:
+        key, mine, theirs = changed
+        raise ConfigError("method.teacher_from", teacher_from, f"a kd run that trained this run's "
+                          f"teacher; it has {key}={theirs!r}, this run {mine!r}")
     return source
+
+
+def teacher_key(key: str) -> bool:
+    """A dotted config key the teacher's training depends on."""
+    return key not in NOT_TEACHER and (key == "experiment.seed"
+                                       or key.startswith(("data.", "train.", "method.")))
 
 
 class HintonKDClient(StagedMethod):

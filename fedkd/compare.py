@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fedkd import plots
+from fedkd.config import flatten
 from fedkd.render import Block, TableOptions, _fmt, to_html, to_markdown
 from fedkd.report import BEST, HEADLINE, _config, client_rows, summarize, was_loaded
 
@@ -25,18 +26,9 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / "metrics.jsonl").is_file()
 
 
-def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(cfg, dict):
-        return {prefix[:-1]: cfg}
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-
-
 def differing_keys(configs: Sequence[dict]) -> list[str]:
     """Dotted config keys whose values are not the same in every config (in config order)."""
-    flat = [_flatten(c) for c in configs]
+    flat = [flatten(c) for c in configs]
     keys = list(dict.fromkeys(k for f in flat for k in f))
     return [k for k in keys if k not in IGNORED_KEYS
             and len({repr(f.get(k, "<unset>")) for f in flat}) > 1]
@@ -47,7 +39,7 @@ def run_labels(run_dirs: Sequence[Path]) -> tuple[list[str], list[str]]:
     name where configs are the same or labels would collide."""
     configs = [_config(Path(d)) for d in run_dirs]
     keys = differing_keys(configs)
-    flat = [_flatten(c) for c in configs]
+    flat = [flatten(c) for c in configs]
     labels = [", ".join(f"{k}={f.get(k)}" for k in keys[:LABEL_KEYS])
               + (f" (+{len(keys) - LABEL_KEYS})" if len(keys) > LABEL_KEYS else "") for f in flat]
     names = [Path(d).name for d in run_dirs]

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -437,15 +437,26 @@ def to_yaml(cfg: FedkdConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def flat_config(cfg: FedkdConfig) -> dict[str, Any]:
-    """The config as {dotted key: value}, lists as values: the names that comparisons of two
-    configs report (a resumed run against its saved config; a kd run against its teacher's)."""
-    def flat(tree: Any, prefix: str) -> dict[str, Any]:
-        if not isinstance(tree, dict):
-            return {prefix.rstrip("."): tree}
-        return {key: value for k, v in tree.items() for key, value in flat(v, f"{prefix}{k}.").items()}
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted key: value}; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {key: value for k, v in tree.items() for key, value in flatten(v, f"{prefix}{k}.").items()}
 
-    return flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))), "")
+
+def flat_config(cfg: FedkdConfig) -> dict[str, Any]:
+    """The config as {dotted key: value}, lists as values."""
+    return flatten(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
+
+
+def first_difference(ours: FedkdConfig, theirs: FedkdConfig,
+                     counts: Callable[[str], bool]) -> tuple[str, Any, Any] | None:
+    """(key, our value, their value) of the first dotted key, in key order, that `counts` and whose
+    values differ; None when none does. The one comparison of two configs (a resumed run against its
+    saved config; a kd run against its teacher's)."""
+    a, b = flat_config(ours), flat_config(theirs)
+    return next(((key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b))
+                 if counts(key) and a.get(key) != b.get(key)), None)
 
 
 def from_yaml(text: str) -> FedkdConfig:

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any, Iterable
 
 from fedkd.checkpoint import checkpoint_round
-from fedkd.config import ConfigError, FedkdConfig, flat_config, load_config
+from fedkd.config import ConfigError, FedkdConfig, first_difference, load_config
 
 RUN_INFO, LOCK = "run.json", "run.lock"
 FINISHED = ("complete", "failed")
@@ -154,10 +154,10 @@ def resume_config(run_dir: Path, overrides: Iterable[str]) -> FedkdConfig:
         raise RunDirError(f"{run_dir}: not a fedkd run directory (no run.json/config.yaml)")
     saved = load_config(saved_path)
     cfg = load_config(saved_path, overrides)
-    before, after = flat_config(saved), flat_config(cfg)
-    for key in sorted(set(before) | set(after)):
-        if before.get(key) != after.get(key) and key not in RESUMABLE_CHANGES:
-            raise ConfigError(key, after.get(key), f"a resumed run keeps its config (was "
-                              f"{before.get(key)!r}); only {', '.join(RESUMABLE_CHANGES)} may change")
+    changed = first_difference(cfg, saved, lambda key: key not in RESUMABLE_CHANGES)
+    if changed:
+        key, value, was = changed
+        raise ConfigError(key, value, f"a resumed run keeps its config (was {was!r}); "
+                          f"only {', '.join(RESUMABLE_CHANGES)} may change")
     return cfg
 

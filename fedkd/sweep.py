@@ -169,8 +169,9 @@ def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out
                 simulation.run_experiment(plan.cfg, run_dir, quiet=quiet)
             shutil.copyfile(run_dir / "summary.json", plan.result(out))
             err.print(result_line(plan, json.loads(plan.result(out).read_text())), markup=False)
-    mine = [{"run": p.label, **json.loads(p.result(out).read_text())} for p in plans]
     everything = result_rows(out, planned)
+    runs = {(p.label, p.seed) for p in plans}
+    mine = [r for r in everything if (r["run"], r.get("seed")) in runs]
     (out / "sweep.md").write_text(sweep_table(everything, against) + "\n")
     return sweep_table(mine + [r for r in everything if r["run"] in against and r["run"] not in planned],
                        against)

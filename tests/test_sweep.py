@@ -231,6 +231,10 @@ def test_sweep_runs_each_missing_seed_once_and_says_how_each_ended(
     assert "| fedavg | 0.5500 ± 0.0707 |" in (out / "sweep.md").read_text()
     assert main(args) == 0 and len(ran) == 4  # every result exists: nothing runs again
     assert not [line for line in capsys.readouterr().err.splitlines() if " seed " in line]
+    assert main([*args[:3], "--seeds", "0", *args[5:]]) == 0  # the printed table: this sweep's seeds
+    printed = capsys.readouterr().out
+    assert "| fedavg | 0.5000 |" in printed and "| fedprox | 0.5000 |" in printed
+    assert "| fedavg | 0.5500 ± 0.0707 |" in (out / "sweep.md").read_text()
 
 
 def test_result_line_of_a_run_without_scores() -> None:
