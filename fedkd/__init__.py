@@ -18,6 +18,7 @@ except PackageNotFoundError:  # a checkout on sys.path that was never installed
 #: public name -> module that defines it
 _LAZY = {
     "run": "fedkd.api", "RunResult": "fedkd.api", "load_config": "fedkd.api",
+    "run_sweep": "fedkd.api", "SweepResult": "fedkd.api",
     "ConfigError": "fedkd.config", "DataError": "fedkd.data", "RunDirError": "fedkd.rundir",
     "load_model": "fedkd.saved_model", "FedkdConfig": "fedkd.config",
 }

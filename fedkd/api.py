@@ -3,6 +3,8 @@
     import fedkd
     result = fedkd.run("quickstart", overrides=["train.rounds=3", "strategy.name=fedprox"])
     result.summary["accuracy"], result.clients[0]["accuracy"], result.report
+    sweep = fedkd.run_sweep("quickstart", ["strategy.name=fedavg,fedprox"], seeds=[0, 1, 2])
+    sweep.compare("fedprox", "fedavg").verdict, sweep.table
 
 Bad input raises (`fedkd.ConfigError`, `fedkd.DataError`, `fedkd.RunDirError`, ...) with the
 one-line message the command line prints; nothing here exits the interpreter, and `run` may be
@@ -16,10 +18,13 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from fedkd.config import FedkdConfig
 from fedkd.config import load_config as _load_config_file
+
+if TYPE_CHECKING:
+    from fedkd.sweep import Comparison
 
 def load_config(config: str | Path | None = None, overrides: Iterable[str] = ()) -> FedkdConfig:
     """A validated config from a YAML path or a bundled experiment's name ("quickstart"), plus
@@ -111,6 +116,57 @@ def run(config: str | Path | FedkdConfig | None = None, overrides: Iterable[str]
     else:
         cfg = load_config(config, overrides)
     return RunResult.read(run_experiment(cfg, run_dir, quiet=quiet))
+
+
+@dataclass
+class SweepResult:
+    """A sweep's results as `fedkd sweep` tabulates them: one row per run (its summary.json plus
+    `run`, the label), this sweep's runs and the reference labels' (`against`)."""
+
+    out: Path
+    rows: list[dict[str, Any]]
+    against: list[str]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(dict.fromkeys(r["run"] for r in self.rows))
+
+    def results(self, label: str) -> list[dict[str, Any]]:
+        """One label's rows, one per seed."""
+        return [r for r in self.rows if r["run"] == label]
+
+    def compare(self, label: str, reference: str) -> "Comparison | None":
+        """`label` against `reference`, paired by seed on both headline numbers, with the
+        protocol's verdict (`.verdict`: beats / tie / loses / mixed; `.pairs[key].diffs` per seed);
+        None when the two share no seed."""
+        from fedkd.sweep import compare
+
+        return compare(self.results(label), self.results(reference))
+
+    @property
+    def table(self) -> str:
+        """The Markdown table `fedkd sweep` prints (mean ± std per label, paired verdicts)."""
+        from fedkd.sweep import sweep_table
+
+        return sweep_table(self.rows, self.against)
+
+
+def run_sweep(config: str | Path, grid: Sequence[str] = (), seeds: Sequence[int] = (0,),
+          out: str | Path = "runs/sweep", variant: str | None = None, fixed: Sequence[str] = (),
+          against: Sequence[str] = (), ray_address: str = "", quiet: bool = True) -> SweepResult:
+    """Every run of a grid × seeds, as `fedkd sweep` runs it, and the results read back.
+
+    `grid`: `key=v1,v2` axes (the runs are their product; a single value is a plain override);
+    `fixed`: `key=value` overrides of every run, named by `variant` (appended to each label);
+    `out`: results go to `OUT/<label>/seed<k>.json`, and results already there are not run again
+    (an unfinished run resumes), so a cut-off sweep continues where it stopped; `against`:
+    reference labels for the paired verdicts of `.table`; `ray_address`: run on that cluster
+    instead of a local one started for the sweep. Every config is validated before a run starts."""
+    from fedkd import sweep
+
+    rows = sweep.run_sweep(config, grid, seeds, Path(out), variant=variant, fixed=fixed, against=against,
+                     quiet=quiet, ray_address=ray_address)
+    return SweepResult(out=Path(out), rows=rows, against=list(against))
 
 
 @dataclass

@@ -88,11 +88,8 @@ def _dry_run(cfg: "FedkdConfig") -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedkd.sweep import describe_sweep, run_sweep
+    from fedkd.sweep import describe_sweep, run_sweep, sweep_table
 
-    if args.set and not args.variant:  # else the labels, and so the skip-existing check, collide
-        raise UsageError(f"--set {' '.join(args.set)} changes every run of the sweep: name it "
-                         f"with --variant, e.g. --variant attention_only")
     out = Path(args.out)
     against = [a for a in (args.against or "").split(",") if a]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -100,8 +97,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(describe_sweep(args.config, args.grid, seeds, out,
                              variant=args.variant, fixed=args.set, against=against))
         return 0
-    print(run_sweep(args.config, args.grid, seeds, out,
-                    variant=args.variant, fixed=args.set, against=against, quiet=args.quiet))
+    rows = run_sweep(args.config, args.grid, seeds, out,
+                     variant=args.variant, fixed=args.set, against=against, quiet=args.quiet,
+                     ray_address=args.ray_address)
+    print(sweep_table(rows, against))
     console.print(f"table of all results in {out}: {out / 'sweep.md'}")
     return 0
 
@@ -197,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--out", default="runs/sweep", help="results: OUT/<label>/seed<k>.json")
     p.add_argument("--variant", help="appended to every label, e.g. 'hetero' -> mhpflid-hetero")
+    p.add_argument("--ray-address", default="", metavar="HOST:PORT",
+                   help="run on this Ray cluster (default: start a local one for the sweep)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a fixed override, not an axis (so a value may hold commas, e.g. "
                         "method.teachers=[image,audio]); needs --variant; repeatable")

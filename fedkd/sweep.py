@@ -9,6 +9,7 @@ each seed and a verdict for both headline numbers).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -80,6 +81,10 @@ class PlannedRun:
 def plan_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out: Path,
                variant: str | None = None, fixed: Sequence[str] = ()) -> list[PlannedRun]:
     """Every run's label and validated config, before the first simulation starts."""
+    if fixed and not variant:  # else the labels, and so the skip-existing check, collide
+        raise ConfigError("variant", variant, f"a name for the runs of the fixed overrides "
+                          f"{' '.join(fixed)}, which change every run of the sweep "
+                          f"(--variant on the command line), e.g. attention_only")
     plans = []
     for combo in parse_grid(grid):
         label = sweep_label(combo, config, variant, out)
@@ -144,9 +149,10 @@ def describe_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int]
 
 def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out: Path,
               variant: str | None = None, fixed: Sequence[str] = (), against: Sequence[str] = (),
-              quiet: bool = False) -> str:
-    """Run (or continue) every missing run of the sweep; write `OUT/sweep.md`; return the
-    Markdown table of this sweep's runs (with the paired comparisons when `against` is given)."""
+              quiet: bool = False, ray_address: str = "") -> list[dict]:
+    """Run (or continue) every missing run of the sweep; write `OUT/sweep.md` (every result under
+    OUT); return this sweep's result rows and the `against` labels' (`sweep_table` renders them).
+    The runs share one Ray cluster: `ray_address`'s, else a local one started for the sweep."""
     from fedkd import ray_cluster, simulation  # module attributes: tests replace them
     from fedkd.rundir import FINISHED, RUN_INFO, run_status
 
@@ -154,7 +160,8 @@ def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out
     planned = list(dict.fromkeys(p.label for p in plans))
     check_against(against, result_labels(out, planned))
     todo = [p for p in plans if not p.result(out).exists()]
-    with ray_cluster.warm_ray(enabled=bool(todo)) as address:
+    cluster = contextlib.nullcontext(ray_address) if ray_address else ray_cluster.warm_ray(enabled=bool(todo))
+    with cluster as address:
         for plan in todo:
             if address:
                 plan.cfg.simulation.ray_address = address
@@ -171,10 +178,9 @@ def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out
             err.print(result_line(plan, json.loads(plan.result(out).read_text())), markup=False)
     everything = result_rows(out, planned)
     runs = {(p.label, p.seed) for p in plans}
-    mine = [r for r in everything if (r["run"], r.get("seed")) in runs]
     (out / "sweep.md").write_text(sweep_table(everything, against) + "\n")
-    return sweep_table(mine + [r for r in everything if r["run"] in against and r["run"] not in planned],
-                       against)
+    return [r for r in everything if (r["run"], r.get("seed")) in runs
+            or (r["run"] in against and r["run"] not in planned)]
 
 
 def result_line(plan: PlannedRun, summary: dict) -> str:

@@ -1,4 +1,5 @@
-"""The Python API: `fedkd.run`, `fedkd.load_config`, `fedkd.RunResult`; examples/api_quickstart.py."""
+"""The Python API: `fedkd.run`, `fedkd.run_sweep`, `fedkd.load_config`, `fedkd.RunResult`;
+examples/api_quickstart.py."""
 
 from __future__ import annotations
 
@@ -64,3 +65,33 @@ def test_example_script_runs_twice_in_one_process(tmp_path: Path, ray_address: s
     assert [row["partition_id"] for row in result.clients] == [0, 1]
     assert result.accuracy == result.summary["accuracy"] and result.config.train.rounds == 1
     assert {"report", "metrics", "clients", "summary", "config", "model"} <= set(result.paths)
+
+
+@pytest.mark.e2e
+def test_run_sweep_runs_the_grid_once_and_pairs_the_labels(
+        tmp_path: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fedkd.run_sweep: two real runs on the given cluster, their rows, the paired comparison read
+    from them, and a second call that runs nothing (every result exists)."""
+    import fedkd.simulation
+
+    small = ["train.rounds=1", "data.num_clients=2", "model.name=mlp"]
+    kwargs = dict(fixed=small, variant="small", out=tmp_path, against=["fedavg-small"],
+                  ray_address=ray_address)
+    sweep = fedkd.run_sweep("quickstart", ["strategy.name=fedavg,fedprox"], **kwargs)
+    assert sweep.labels == ["fedavg-small", "fedprox-small"]
+    fedavg, fedprox = (sweep.results(label)[0] for label in sweep.labels)
+    assert fedavg["seed"] == fedprox["seed"] == 0 and 0 < fedavg["accuracy"] <= 1
+    pair = sweep.compare("fedprox-small", "fedavg-small")
+    assert pair is not None and pair.seeds == [0]
+    assert pair.pairs["accuracy"].diffs[0] == pytest.approx(fedprox["accuracy"] - fedavg["accuracy"])
+    assert "Paired by seed against fedavg-small" in sweep.table
+    assert fedkd.RunResult.read(tmp_path / "fedprox-small" / "seed0").ok
+
+    def no_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a result that exists ran again")
+
+    monkeypatch.setattr(fedkd.simulation, "run_experiment", no_run)
+    again = fedkd.run_sweep("quickstart", ["strategy.name=fedavg,fedprox"], **kwargs)
+    assert again.rows == sweep.rows
+    with pytest.raises(fedkd.ConfigError, match="^variant=None: a name for the runs of the fixed"):
+        fedkd.run_sweep("quickstart", fixed=small, out=tmp_path)
