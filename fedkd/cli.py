@@ -88,7 +88,7 @@ def _dry_run(cfg: "FedkdConfig") -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedkd.sweep import describe_sweep, run_sweep, sweep_table
+    from fedkd.sweep import describe_sweep, run_sweep, sweep_table, terminal_table
 
     out = Path(args.out)
     against = [a for a in (args.against or "").split(",") if a]
@@ -100,8 +100,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     rows = run_sweep(args.config, args.grid, seeds, out,
                      variant=args.variant, fixed=args.set, against=against, quiet=args.quiet,
                      ray_address=args.ray_address)
-    print(sweep_table(rows, against))
-    console.print(f"table of all results in {out}: {out / 'sweep.md'}")
+    if console.is_terminal:  # a table that fits the screen; Markdown where the output is kept
+        console.print(terminal_table(rows, against))
+        console.print(f"every column, the per-seed differences and all results in {out}: {out / 'sweep.md'}",
+                      highlight=False, soft_wrap=True)
+    else:
+        print(sweep_table(rows, against))
+        console.print(f"table of all results in {out}: {out / 'sweep.md'}", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -18,11 +18,14 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from fedkd.config import ConfigError, FedkdConfig, load_config, suggest
 from fedkd.console import err
 from fedkd.report import HEADLINE, resumed_note, to_markdown, was_loaded
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 #: the protocol's two headline numbers: summary.json key -> column title
 HEADLINES = {"accuracy": "last round", "accuracy_last3": "mean of last 3 evaluations"}
@@ -273,6 +276,39 @@ def sweep_table(rows: list[dict], against: Sequence[str] = ()) -> str:
     if against:
         blocks += paired_blocks(rows, against)
     return to_markdown(blocks)
+
+
+def terminal_table(rows: list[dict], against: Sequence[str] = ()) -> "Table":
+    """The sweep for a terminal, within 80 columns: both headline numbers (mean ± std over seeds),
+    s/round, the number of seeds and the verdict paired by seed against each reference label.
+    Every other column and the per-seed differences are in the Markdown tables (`sweep_table`)."""
+    from rich import box
+    from rich.table import Table
+
+    groups = by_label(rows)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=0)
+    table.add_column("run", overflow="fold", ratio=1, min_width=10)  # labels are long: they wrap
+    for title in ("last round", "last 3", "s/round", "seeds"):
+        table.add_column(title, justify="right", no_wrap=True)
+    for ref in against:
+        table.add_column(f"vs\n{ref}", overflow="fold", min_width=5)
+
+    def verdict(grp: list[dict], ref: str) -> str:
+        c = compare(grp, groups[ref]) if grp is not groups[ref] else None
+        if c is None:
+            return "—"
+        if len(c.seeds) > 1:
+            return c.verdict
+        table.caption = "* on one seed only: its sign decides"
+        return f"{c.verdict}*"
+
+    for label, grp in groups.items():
+        seconds = [g["seconds_per_round"] for g in grp if g.get("seconds_per_round") is not None]
+        loaded = " loaded" if any(map(was_loaded, grp)) else ""
+        table.add_row(label, *(mean_std([g[k] for g in grp if g.get(k) is not None], 3) for k in HEADLINES),
+                      f"{statistics.fmean(seconds):.1f}{loaded}" if seconds else "n/a", str(len(grp)),
+                      *(verdict(grp, ref) for ref in against))
+    return table
 
 
 @dataclass

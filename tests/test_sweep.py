@@ -10,7 +10,7 @@ import pytest
 from fedkd.config import ConfigError
 from fedkd.report import summarize
 from fedkd.sweep import (check_against, label_part, overall_verdict, paired, parse_grid, result_rows,
-                         sweep_label, sweep_table)
+                         sweep_label, sweep_table, terminal_table)
 from test_report import make_run
 
 
@@ -88,6 +88,26 @@ def test_sweep_table_carries_paired_verdicts_for_both_headlines() -> None:
     fedavg = next(ln for ln in md.splitlines() if ln.startswith("| fedavg ") and "loses" in ln)
     assert fedavg.rstrip().endswith("| loses | 0,1,2 |")
     assert "mean of last 3 evaluations" in md
+
+
+def test_terminal_table_fits_80_columns_with_the_verdicts() -> None:
+    """`fedkd sweep` in a terminal: both headline numbers, s/round, seeds and the verdicts, each
+    line within 80 columns (long labels wrap in their own column)."""
+    from rich.console import Console
+
+    table = (rows("pse-cnn-excitation_only-amax0.2", [0.81, 0.82, 0.83], [0.79, 0.81, 0.83])
+             + rows("local-cnn", [0.80] * 3, [0.80] * 3) + rows("fedavg-cnn", [0.60, 0.62, 0.58], [0.6] * 3)
+             + rows("one-seed", [0.9], [0.9]))
+    for r in table:
+        r["seconds_per_round"] = 10.0
+    console = Console(width=80, record=True)
+    console.print(terminal_table(table, ["local-cnn", "fedavg-cnn"]))
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80
+    lines = {ln.split()[0][:6]: ln.split()[1:] for ln in text.splitlines() if ln.strip()}
+    assert lines["pse-cn"] == ["0.820", "±", "0.010", "0.810", "±", "0.020", "10.0", "3", "mixed", "beats"]
+    assert lines["local-"][-2:] == ["—", "beats"] and lines["fedavg"][-2:] == ["loses", "—"]
+    assert lines["one-se"][-2:] == ["beats*", "beats*"] and "* on one seed only" in text
 
 
 def test_sweep_table_counts_the_seeds_whose_rounds_shared_the_machine() -> None:
