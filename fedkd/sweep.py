@@ -181,7 +181,8 @@ def run_sweep(config: str | Path, grid: Sequence[str], seeds: Sequence[int], out
             err.print(result_line(plan, json.loads(plan.result(out).read_text())), markup=False)
     everything = result_rows(out, planned)
     runs = {(p.label, p.seed) for p in plans}
-    (out / "sweep.md").write_text(sweep_table(everything, against) + "\n")
+    order = {label: i for i, label in enumerate(result_labels(out, against))}  # one order per OUT
+    (out / "sweep.md").write_text(sweep_table(sorted(everything, key=lambda r: order[r["run"]]), against) + "\n")
     return [r for r in everything if (r["run"], r.get("seed")) in runs
             or (r["run"] in against and r["run"] not in planned)]
 

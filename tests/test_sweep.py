@@ -255,6 +255,9 @@ def test_sweep_runs_each_missing_seed_once_and_says_how_each_ended(
     printed = capsys.readouterr().out
     assert "| fedavg | 0.5000 |" in printed and "| fedprox | 0.5000 |" in printed
     assert "| fedavg | 0.5500 ± 0.0707 |" in (out / "sweep.md").read_text()
+    # sweep.md: the reference labels first, then by name, whichever sweep wrote it last
+    assert main(["sweep", "quickstart", "strategy.name=fedprox", "--out", str(out), "--against", "fedavg"]) == 0
+    assert [ln.split()[1] for ln in (out / "sweep.md").read_text().splitlines()[2:4]] == ["fedavg", "fedprox"]
 
 
 def test_result_line_of_a_run_without_scores() -> None:
