@@ -153,11 +153,11 @@ def bytes_ratio(label: str, ref: str) -> Evidence:
     return read
 
 
-def versus(label: str, ref: str) -> Evidence:
-    """`label` against another reference, paired by seed."""
+def versus(label: str, ref: str, subject: str = "") -> Evidence:
+    """`label` (named `subject` when it is not the claim's own row) against `ref`, paired by seed."""
     def read(groups: Groups) -> str | None:
         c = compare(groups.get(label, []), groups.get(ref, []))
-        return None if c is None else f"vs {ref}: {describe(c)}"
+        return None if c is None else f"{subject + ' ' if subject else ''}vs {ref}: {describe(c)}"
     return read
 
 
@@ -190,7 +190,8 @@ class Claim:
 
 
 def _claims() -> list[Claim]:
-    """The claims as the specs state them: PSE's anchors (pse.md g: >= FedRep, >= Ditto, > FedAvg),
+    """The claims as the specs state them: PSE's anchors (pse.md g: >= FedRep, >= Ditto, > FedAvg;
+    its diagnostics add pse.md k's ablation readings),
     MH-pFLID's (mhpflid.md f: > local-hetero), FedKD's narrow mentee (local-kd.md 2.5). The specs
     state none for FML, FedDistill, FedProto and FedNTD; for those the claim is our reading of each
     paper (ASSUMED): the personalized KD methods beat training alone (FedProto also FedAvg), FedNTD,
@@ -202,7 +203,10 @@ def _claims() -> list[Claim]:
                   method_metric(f"pse-{m}-amax0.2", "post_minus_pre_excitation_accuracy",
                                 "excitation post − pre (fused)"),
                   method_metric(f"pse-{m}-amax0.2", "post_minus_pre_excitation_local_accuracy",
-                                "(local head)")))
+                                "(local head)"),
+                  # pse.md k's reading: does the excitation add to the attention, does it help alone
+                  versus(f"pse-{m}-amax0.2", f"pse-{m}-attention_only"),
+                  versus(f"pse-{m}-excitation_only-amax0.2", f"local-{m}", "excitation only")))
            for m in ("cnn", "resnet8")]
     out.append(Claim("MH-pFLID", "resolution-shift", "mhpflid-hetero", ((">", "local-hetero"),),
                      "local models > the same architectures trained alone",

@@ -130,6 +130,8 @@ def test_claims_carry_the_specs_diagnostics(bench: Path) -> None:
     write_results(bench, "cifar10-long", "pse-cnn-amax0.2", [0.8], [0.8],
                   extra_metrics=[{"post_minus_pre_excitation_accuracy": -0.031,
                                   "post_minus_pre_excitation_local_accuracy": 0.002}])
+    write_results(bench, "cifar10-long", "pse-cnn-attention_only", [0.82], [0.79])
+    write_results(bench, "cifar10-long", "pse-cnn-excitation_only-amax0.2", [0.74], [0.74])
     write_results(bench, "fmnist-mild", "fedkd_mentor", [0.8], [0.8], bytes_sent_per_client_round=[4000])
     write_results(bench, "fmnist-mild", "fedkd_mentor-mentee_cnn_narrow", [0.8], [0.8],
                   bytes_sent_per_client_round=[1000])
@@ -139,7 +141,9 @@ def test_claims_carry_the_specs_diagnostics(bench: Path) -> None:
                             "x4 +3.00, x8 +5.00 |")
     (pse_cnn,) = [line for line in lines if "PSE v2 (cnn)" in line]
     assert pse_cnn.endswith("| vs local-cnn: beats +5.00 (+) / +5.00 (+) (seed 0 only); excitation post − pre "
-                            "(fused) -3.10 points; (local head) +0.20 points |")
+                            "(fused) -3.10 points; (local head) +0.20 points; vs pse-cnn-attention_only: "
+                            "mixed -2.00 (−) / +1.00 (+) (seed 0 only); excitation only vs local-cnn: "
+                            "loses -1.00 (−) / -1.00 (−) (seed 0 only) |")
     (fedkd,) = [line for line in lines if line.startswith("| FedKD | fmnist-mild |")]
     assert "bytes/client/round 0.25× fedkd_mentor's" in fedkd
     (fedntd,) = [line for line in lines if line.startswith("| FedNTD |")]
