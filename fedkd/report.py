@@ -92,7 +92,7 @@ def round_stats(evals: Sequence[dict]) -> dict:
             "clients": len(acc)}
 
 
-def _ok_evals(records: Sequence[dict]) -> dict[int, dict[Any, dict]]:
+def ok_evals(records: Sequence[dict]) -> dict[int, dict[Any, dict]]:
     """round -> partition_id -> last ok evaluate record with an accuracy (retries overwrite)."""
     by_round: dict[int, dict[Any, dict]] = defaultdict(dict)
     for r in records:
@@ -195,7 +195,7 @@ def summarize(run_dir: Path, records: Sequence[dict] | None = None) -> dict:
     partition = _json(run_dir / "partition.json") or {}
     if records is None:
         records = read_metrics(run_dir / "metrics.jsonl")
-    evals = _ok_evals(records)
+    evals = ok_evals(records)
     per_round = [{"round": rnd, **round_stats(list(evals[rnd].values()))} for rnd in sorted(evals)]
     last = per_round[-1] if per_round else {}
     best = max(per_round, key=lambda p: p["accuracy"]) if per_round else {}  # ties: earliest round
