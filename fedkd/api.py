@@ -26,6 +26,7 @@ from fedkd.config import load_config as _load_config_file
 if TYPE_CHECKING:
     from fedkd.sweep import Comparison
 
+
 def load_config(config: str | Path | None = None, overrides: Iterable[str] = ()) -> FedkdConfig:
     """A validated config from a YAML path or a bundled experiment's name ("quickstart"), plus
     `key=value` overrides; raises ConfigError naming the key, the value and what is allowed."""
@@ -152,8 +153,8 @@ class SweepResult:
 
 
 def run_sweep(config: str | Path, grid: Sequence[str] = (), seeds: Sequence[int] = (0,),
-          out: str | Path = "runs/sweep", variant: str | None = None, fixed: Sequence[str] = (),
-          against: Sequence[str] = (), ray_address: str = "", quiet: bool = True) -> SweepResult:
+              out: str | Path = "runs/sweep", variant: str | None = None, fixed: Sequence[str] = (),
+              against: Sequence[str] = (), ray_address: str = "", quiet: bool = True) -> SweepResult:
     """Every run of a grid × seeds, as `fedkd sweep` runs it, and the results read back.
 
     `grid`: `key=v1,v2` axes (the runs are their product; a single value is a plain override);
@@ -164,8 +165,8 @@ def run_sweep(config: str | Path, grid: Sequence[str] = (), seeds: Sequence[int]
     instead of a local one started for the sweep. Every config is validated before a run starts."""
     from fedkd import sweep
 
-    rows = sweep.run_sweep(config, grid, seeds, Path(out), variant=variant, fixed=fixed, against=against,
-                     quiet=quiet, ray_address=ray_address)
+    rows = sweep.run_sweep(config, grid, seeds, Path(out), variant=variant, fixed=fixed,
+                           against=against, quiet=quiet, ray_address=ray_address)
     return SweepResult(out=Path(out), rows=rows, against=list(against))
 
 
