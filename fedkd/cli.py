@@ -102,8 +102,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                      ray_address=args.ray_address)
     if console.is_terminal:  # a table that fits the screen; Markdown where the output is kept
         console.print(terminal_table(rows, against))
-        console.print(f"every column, the per-seed differences and all results in {out}: {out / 'sweep.md'}",
-                      highlight=False, soft_wrap=True)
+        console.print(f"all results, every column and the per-seed differences: {out / 'sweep.md'}",
+                      highlight=False, soft_wrap=True)  # a path is not broken: the terminal wraps it
     else:
         print(sweep_table(rows, against))
         console.print(f"table of all results in {out}: {out / 'sweep.md'}", highlight=False, soft_wrap=True)

@@ -255,6 +255,17 @@ def test_sweep_runs_each_missing_seed_once_and_says_how_each_ended(
     printed = capsys.readouterr().out
     assert "| fedavg | 0.5000 |" in printed and "| fedprox | 0.5000 |" in printed
     assert "| fedavg | 0.5500 ± 0.0707 |" in (out / "sweep.md").read_text()
+    # in a terminal: the 80-column table instead of Markdown
+    from rich.console import Console
+
+    import fedkd.cli
+    terminal = Console(force_terminal=True, width=80, record=True, color_system=None)
+    monkeypatch.setattr(fedkd.cli, "console", terminal)
+    assert main(args) == 0
+    shown = terminal.export_text()
+    *table_lines, where = shown.splitlines()
+    assert "|---" not in shown and "fedprox" in shown and max(map(len, table_lines)) <= 80
+    assert where == f"all results, every column and the per-seed differences: {out / 'sweep.md'}"
     # sweep.md: the reference labels first, then by name, whichever sweep wrote it last
     assert main(["sweep", "quickstart", "strategy.name=fedprox", "--out", str(out), "--against", "fedavg"]) == 0
     assert [ln.split()[1] for ln in (out / "sweep.md").read_text().splitlines()[2:4]] == ["fedavg", "fedprox"]
