@@ -173,7 +173,7 @@ def page(s: dict, rows: list[dict], figures: dict[str, tuple[str, str]],
                 f"rounds: {s['rounds_completed']} completed of {_fmt(s['rounds'])} (status: {s['status']})",
                 f"evaluated: {evaluated}",
                 f"time: {_fmt(s['seconds_per_round'], 2)} s/round (median), {_fmt(s['wall_seconds'], 1)} s wall"
-                + (f" ({resumed_note(s)})" if resumed_note(s) else "") + _load_note(s)]),
+                + (f" ({resumed})" if (resumed := resumed_note(s)) else "") + _load_note(s)]),
         *([("line", f"Incomplete run: {s['resume']}.")] if s.get("resume") else []),
         *([("p", f"Status {s['status']}: {s['status_reason']}.")] if s.get("status_reason") else []),
         ("h2", "Results"), ("table", ["metric", "value"], _headline_rows(s)),

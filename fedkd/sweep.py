@@ -196,8 +196,8 @@ def result_line(plan: PlannedRun, summary: dict) -> str:
 
     wall = summary.get("wall_seconds")
     took = f"{wall:.0f} s, " if isinstance(wall, (int, float)) else ""
-    if resumed_note(summary):
-        took += f"{resumed_note(summary)}, "
+    if resumed := resumed_note(summary):
+        took += f"{resumed}, "
     if was_loaded(summary):
         took += "loaded, "
     scores = ", ".join(f"{number(key)} {title}" for key, title in HEADLINES.items())
