@@ -170,7 +170,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
             err.print(f"skipped {d}: not a run directory (no metrics.jsonl)", highlight=False)
     if not dirs:
         raise UsageError("no run directory to compare (each holds a metrics.jsonl)")
-    print(compare(dirs, out))  # Markdown: no terminal wrapping
+    result = compare(dirs, out)
+    if console.is_terminal:  # one row per run, within the screen; Markdown where the output is kept
+        console.print(result.differs, highlight=False)
+        console.print(result.terminal_table())
+    else:
+        print(result.markdown)  # Markdown: no terminal wrapping
     console.print(f"comparison of {len(dirs)} run(s) written to {out}/: compare.md, compare.html, "
                   "compare.png, compare_clients.png", highlight=False, soft_wrap=True)
     return 0

@@ -34,7 +34,7 @@ def test_same_config_falls_back_to_directory_names(tmp_path: Path) -> None:
     a, b = synthetic_run(tmp_path / "x" / "run", 4), synthetic_run(tmp_path / "y" / "run", 4)
     labels, keys = run_labels([a, b])
     assert keys == [] and labels == ["x/run", "y/run"]
-    table = compare([a, b], tmp_path / "out")
+    table = compare([a, b], tmp_path / "out").markdown
     assert "x/run" in table and "same config" in table
 
 
@@ -64,3 +64,30 @@ def test_cli_compare_can_be_rerun_on_a_glob(runs: Path, capsys: pytest.CaptureFi
         assert main(["compare", str(runs / "notes")]) == 2  # nothing to compare: one line, exit 2
     finally:
         os.chdir(cwd)
+
+
+def test_cli_compare_in_a_terminal_fits_80_columns_with_many_runs(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight runs would make the Markdown table (one column per run) several screens wide; in a
+    terminal each run is a row, its long label wraps, and every line stays within 80 columns."""
+    from rich.console import Console
+
+    from fedkd import cli
+
+    strategies = ["fedavg", "fedadam", "fedprox", "fedyogi", "fedadagrad", "fedavgm", "fedmedian", "krum"]
+    dirs = [synthetic_run(tmp_path / "runs" / f"r{i}", 5, seed=i, strategy=s) for i, s in enumerate(strategies)]
+    terminal = Console(force_terminal=True, width=80, record=True, color_system=None)
+    monkeypatch.setattr(cli, "console", terminal)
+    assert main(["compare", *map(str, dirs), "--out", str(tmp_path / "cmp")]) == 0
+    shown = terminal.export_text()
+    lines = shown.splitlines()[:-1]  # the last line names the output's path: the terminal wraps it
+    assert max(map(len, lines)) <= 80 and shown.splitlines()[-1].startswith("comparison of 8 run(s)")
+    assert "| metric" not in shown  # not the Markdown table
+    assert "The runs differ in: experiment.seed, strategy.name." in shown
+    header = next(line for line in lines if "last round" in line)
+    assert all(title in header for title in ("run", "worst 10%", "s/round", "status"))
+    summaries = compare(dirs, tmp_path / "again").summaries
+    for s in summaries:  # every run's headline is on the screen, as compare.md has it
+        assert f"{s['accuracy']:.4f}" in shown
+    assert shown.count("complete") == len(dirs)
+    assert "strategy.name=fedadagrad" in shown.replace("\n", "").replace(" ", "")
