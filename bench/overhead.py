@@ -186,10 +186,10 @@ def run_fedkd(n: int, rounds: int, seed: int) -> dict[str, Any]:
 
     spent, render = [0.0], fedkd.report.write_outputs
 
-    def timed_render(run_dir: Path) -> dict:  # run_experiment imports it at call time
+    def timed_render(run_dir: Path, records: Any = None) -> dict:  # run_experiment imports it at call time
         t0 = time.perf_counter()
         try:
-            return render(run_dir)
+            return render(run_dir, records)
         except Exception as exc:  # noqa: BLE001 -- the report's own bug must not lose the figures
             print(f"report failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return None

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedkd.render import TableOptions, to_markdown
-from fedkd.report import was_loaded
+from fedkd.recorder import TIMING_BASIS
+from fedkd.report import timing_basis, was_loaded
 from fedkd.sweep import HEADLINES, Comparison, by_label, compare, mean_std, result_rows, second_model_cell
 
 BENCH = Path(__file__).resolve().parent
@@ -106,16 +107,20 @@ def time_cell(rows: list[dict], fedavg: list[dict] | None) -> str:
     """s/round of the fastest seed (each run's median over rounds 2..R) and its ratio to FedAvg's
     fastest of the same model (protocol v2, "Time"), among the seeds that had the machine to
     themselves (`was_loaded`); when every seed was loaded, the fastest, marked loaded. The fastest,
-    because a seed that shared the machine with other work is only slower."""
-    def fastest(group: list[dict]) -> tuple[float, bool] | None:
-        timed = [(r["seconds_per_round"], was_loaded(r)) for r in group if r.get("seconds_per_round")]
+    because a seed that shared the machine with other work is only slower. The ratio takes FedAvg's
+    seeds of the same timing basis only (`timing_basis`; none there: no ratio); a figure of basis 1
+    (fedkd's allocator setting before 2026-12-06, ~1.9x slower on resnet8) is marked "(basis 1)"."""
+    def fastest(group: list[dict]) -> tuple[float, bool, int] | None:
+        timed = [(r["seconds_per_round"], was_loaded(r), timing_basis(r)) for r in group if r.get("seconds_per_round")]
         return min(timed, key=lambda t: (t[1], t[0]), default=None)
 
-    mine, theirs = fastest(rows), fastest(fedavg or [])
+    mine = fastest(rows)
     if mine is None:
         return "—"
+    theirs = fastest([r for r in fedavg or [] if timing_basis(r) == mine[2]])
     ratio = f" ({mine[0] / theirs[0]:.1f}×)" if theirs else ""
-    return f"{mine[0]:.1f}{ratio}" + (" loaded" if mine[1] or (theirs and theirs[1]) else "")
+    return (f"{mine[0]:.1f}{ratio}" + (" loaded" if mine[1] or (theirs and theirs[1]) else "")
+            + (f" (basis {mine[2]})" if mine[2] < TIMING_BASIS else ""))
 
 
 Evidence = Callable[[Groups], str | None]  # one diagnostic, None while its runs are missing

@@ -21,6 +21,12 @@ _STANDARD = {"num-examples", "loss", "accuracy", "seconds", "bytes-received", "b
              "worker-pid"}
 Listener = Callable[[str, int, int, int], None]  # phase, round, done, expected
 
+#: what a round's wall time was measured under, recorded with each round; s/round figures are
+#: compared only within one basis. 1 (older rounds carry none): glibc's mmap threshold fixed at
+#: 128 KiB, up to 2026-12-06; 2: left dynamic (`fedkd.runtime.tame_malloc`), ~1.9x faster on a
+#: CIFAR-10 ResNet-8 round. Raise it with any change that moves s/round for the same config.
+TIMING_BASIS = 2
+
 
 def finite_json(record: dict[str, Any]) -> dict[str, Any]:
     """Strict JSON: a NaN or infinite metric (a diverged client) becomes null, and the record
@@ -129,9 +135,10 @@ class Recorder:
 
     def round_time(self, server_round: int, seconds: float) -> None:
         """The round's wall time, with the driver machine's 1-minute load average and CPU count
-        at its end: the report marks a run whose rounds shared the machine as loaded."""
+        at its end (the report marks a run whose rounds shared the machine as loaded) and the
+        timing basis it was measured under (`fedkd.runtime.TIMING_BASIS`)."""
         self.write({"round": server_round, "phase": "round", "seconds": seconds,
-                    "load": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()})
+                    "load": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(), "timing": TIMING_BASIS})
 
     def close(self) -> None:
         self._file.close()

@@ -166,13 +166,21 @@ def machine_load(rounds: Sequence[dict]) -> dict | None:
     """The median 1-minute load average at the end of rounds 2..R (all rounds if fewer), the CPU
     count and whether the run was loaded: a median above CPUs + 1, more than the run's own actors
     and driver account for, so other work competed and its s/round is not a timing figure
-    (benchmark protocol v2, "Time"). None for records without the load (older runs)."""
+    (benchmark protocol v2, "Time"); and the timing basis of most of those rounds. None for
+    records without the load (older runs)."""
     loads = [r for r in rounds if r.get("load") is not None]
     later = [r for r in loads if r["round"] >= 2] or loads
     if not later:
         return None
     median, cpus = statistics.median(r["load"] for r in later), max(r.get("cpus") or 1 for r in later)
-    return {"median_load": median, "cpus": cpus, "loaded": median > cpus + 1}
+    return {"median_load": median, "cpus": cpus, "loaded": median > cpus + 1,
+            "timing": statistics.median_low(r.get("timing") or 1 for r in later)}
+
+
+def timing_basis(summary: dict) -> int:
+    """The timing basis most of a summary's rounds were measured under (`fedkd.recorder.TIMING_BASIS`;
+    1 for rounds recorded before it existed): s/round figures compare only within one basis."""
+    return (summary.get("machine_load") or {}).get("timing") or 1
 
 
 def resumed_note(summary: dict) -> str:

@@ -35,8 +35,8 @@ def resolve_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
-#: glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+#: glibc mallopt parameter (malloc.h): M_ARENA_MAX
+_M_ARENA_MAX = -8
 _MALLOC: list[Any] = []  # the loaded libc, once tamed ([None] where it is not glibc)
 
 
@@ -54,24 +54,20 @@ def _libc() -> Any:
 
 
 def tame_malloc() -> None:
-    """Keep freed model-sized buffers from piling up in this process (glibc only; idempotent).
+    """Two glibc arenas in this process and in the processes it starts (glibc only; idempotent).
 
-    A client round allocates and frees several model-sized tensors (the update, its float64
-    copy, the compensated sum's temporaries). glibc raises its mmap threshold to the size of
-    the first such buffer it frees, so later ones come from the heap, whose freed holes are not
-    returned to the system: a worker's memory then grew by ~1 MiB per client served (measured:
-    1.04 MiB per client in one process, all of it given back by `malloc_trim`). A fixed mmap
-    threshold (128 KiB, glibc's default, no longer raised), a 1 MiB trim threshold and two
-    arenas keep such buffers out of the heap (0.03 MiB per client). Also exported for the
-    processes this one starts (a local Ray's workers)."""
-    for name, value in (("MALLOC_ARENA_MAX", "2"), ("MALLOC_MMAP_THRESHOLD_", "131072"),
-                        ("MALLOC_TRIM_THRESHOLD_", "1048576")):
-        os.environ.setdefault(name, value)
+    A worker's many threads (gRPC, Ray) would otherwise each get an arena that keeps its freed
+    pages. The freed model-sized buffers of each client (the update, its float64 copy, the
+    compensated sum's temporaries) go back to the system with `release_memory` after each group.
+    glibc's mmap threshold is left dynamic on purpose: fixing it at 128 KiB (as fedkd did from
+    issue 21 to 2026-12-06) mmapped and unmapped every activation tensor of every batch, a page-
+    fault storm that took ~40% of a worker's CPU in the kernel and made a ResNet-8 round on
+    CIFAR-10 1.9x slower (bench/scale.md, "Allocator"); it saved 5% of peak memory at N=500.
+    Rounds timed since carry `fedkd.recorder.TIMING_BASIS` 2."""
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     libc = _libc()
     if libc is not None and len(_MALLOC) == 1:
         libc.mallopt(_M_ARENA_MAX, 2)
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-        libc.mallopt(_M_TRIM_THRESHOLD, 1024 * 1024)
         _MALLOC.append(True)  # tamed
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fedkd.recorder import TIMING_BASIS
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("protocol_v2", ROOT / "bench/protocol_v2.py")
 headline = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
@@ -72,7 +74,7 @@ def test_headline_table_pairs_each_label_by_seed(bench: Path) -> None:
         in rows["pse-cnn-amax0.2"]
     # no second model, no reference of its own; the fastest seed's s/round against FedAvg's fastest
     assert rows["local-cnn"].endswith("| — | — | **beats** +30.00 ± 0.00 (+ + +) / +29.00 ± 0.00 (+ + +) "
-                                      "(fedavg-cnn) | 9.0 (1.8×) | 3 |")
+                                      "(fedavg-cnn) | 9.0 (1.8×) (basis 1) | 3 |")  # no timing basis recorded: 1
     assert rows["ditto-cnn"].endswith("| — | 3 |")  # no timing recorded
     assert headline.headline_table("mnist-scarce") == "No result yet.\n"
 
@@ -189,10 +191,23 @@ def test_near_best_names_the_seed_0_rows_within_a_point_of_the_best(bench: Path)
 
 
 def test_time_takes_the_fastest_seed_that_had_the_machine_to_itself() -> None:
-    def seeds(*runs: tuple[float, bool]) -> list[dict]:
+    def seeds(*runs: tuple[float, bool], basis: int = TIMING_BASIS) -> list[dict]:
         return [{"seconds_per_round": t, "machine_load": {"median_load": 4.0 if busy else 2.5, "cpus": 2,
-                                                          "loaded": busy}} for t, busy in runs]
+                                                          "loaded": busy, "timing": basis}} for t, busy in runs]
     fedavg = seeds((5.0, False), (4.0, True))  # 4.0 shared the machine: 5.0 is FedAvg's figure
     assert headline.time_cell(seeds((9.0, True), (10.0, False)), fedavg) == "10.0 (2.0×)"
     assert headline.time_cell(seeds((9.0, True), (12.0, True)), fedavg) == "9.0 (1.8×) loaded"
-    assert headline.time_cell([{"seconds_per_round": 8.0}], None) == "8.0"  # recorded before loads
+    assert headline.time_cell([{"seconds_per_round": 8.0}], None) == "8.0 (basis 1)"  # recorded before loads
+
+
+def test_time_ratio_takes_fedavg_of_the_same_timing_basis_only() -> None:
+    """A run timed under fedkd's old allocator setting (basis 1, ~1.9x slower) is not divided by a
+    FedAvg timed under the new one, nor the other way round."""
+    def seed(t: float, basis: int) -> dict:
+        return {"seconds_per_round": t, "machine_load": {"median_load": 2.5, "cpus": 2, "loaded": False,
+                                                         "timing": basis}}
+    fedavg = [seed(12.0, 1), seed(6.0, TIMING_BASIS)]
+    assert headline.time_cell([seed(24.0, 1)], fedavg) == "24.0 (2.0×) (basis 1)"
+    assert headline.time_cell([seed(12.0, TIMING_BASIS)], fedavg) == "12.0 (2.0×)"
+    assert headline.time_cell([seed(12.0, TIMING_BASIS)], [seed(12.0, 1)]) == "12.0"  # no FedAvg on its basis
+    assert headline.time_cell([seed(24.0, 1), seed(13.0, TIMING_BASIS)], fedavg) == "13.0 (2.2×)"

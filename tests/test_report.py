@@ -98,10 +98,30 @@ def test_machine_load_marks_a_run_whose_rounds_shared_the_machine() -> None:
         return [{"round": i + 1, "phase": "round", "seconds": 1.0, "load": x, "cpus": 2}
                 for i, x in enumerate(loads)]
     # round 1 (start-up) is left out of the median, as for s/round; the run's own 2 actors: ~2-3
-    assert machine_load(rounds(9.0, 2.4, 2.9, 2.6)) == {"median_load": 2.6, "cpus": 2, "loaded": False}
+    assert machine_load(rounds(9.0, 2.4, 2.9, 2.6)) == {"median_load": 2.6, "cpus": 2, "loaded": False,
+                                                        "timing": 1}  # rounds recorded before the basis
     assert machine_load(rounds(0.5, 3.4, 4.1, 2.2))["loaded"] is True  # median 3.4 > 2 + 1
-    assert machine_load(rounds(3.5)) == {"median_load": 3.5, "cpus": 2, "loaded": True}  # one round only
+    assert machine_load(rounds(3.5)) == {"median_load": 3.5, "cpus": 2, "loaded": True, "timing": 1}  # one round
     assert machine_load([{"round": 2, "phase": "round", "seconds": 1.0}]) is None  # recorded before loads
+
+
+def test_timing_basis_is_recorded_with_each_round_and_read_back(tmp_path: Path) -> None:
+    """s/round figures compare only within one timing basis: a round records the current one,
+    older rounds (none recorded) read as basis 1, and a run resumed under a newer basis counts
+    as the basis of most of its rounds 2..R."""
+    from fedkd.recorder import TIMING_BASIS, Recorder
+    from fedkd.report import machine_load, timing_basis
+
+    recorder = Recorder(tmp_path)
+    recorder.round_time(1, 2.0)
+    recorder.close()
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["timing"] == TIMING_BASIS >= 2
+    resumed = [{"round": r, "phase": "round", "seconds": 1.0, "load": 2.0, "cpus": 2,
+                **({"timing": 2} if r > 3 else {})} for r in range(1, 7)]  # rounds 4-6 after the resume
+    assert timing_basis({"machine_load": machine_load(resumed)}) == 2  # 2..6: three of five on basis 2
+    assert timing_basis({"machine_load": machine_load(resumed[:4])}) == 1
+    assert timing_basis({}) == 1  # a summary without loads: the oldest basis
 
 
 def test_report_says_when_a_runs_rounds_shared_the_machine(tmp_path: Path) -> None:
@@ -109,7 +129,7 @@ def test_report_says_when_a_runs_rounds_shared_the_machine(tmp_path: Path) -> No
     run = make_run(tmp_path / "busy", extra=busy)
     write_outputs(run)
     assert json.loads((run / "summary.json").read_text())["machine_load"] == \
-        {"median_load": 4.2, "cpus": 2, "loaded": True}
+        {"median_load": 4.2, "cpus": 2, "loaded": True, "timing": 1}
     assert "machine load 4.2 on 2 CPUs (loaded: other work shared the machine; not a timing figure)" \
         in " ".join((run / "report.md").read_text().split())  # the list item wraps
 
