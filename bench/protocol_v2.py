@@ -36,7 +36,7 @@ from pathlib import Path
 
 from fedkd.render import TableOptions, to_markdown
 from fedkd.recorder import TIMING_BASIS
-from fedkd.report import timing_basis, was_loaded
+from fedkd.report import comparable_timings, timing_basis, was_loaded
 from fedkd.sweep import HEADLINES, Comparison, by_label, compare, mean_std, result_rows, second_model_cell
 
 BENCH = Path(__file__).resolve().parent
@@ -108,19 +108,21 @@ def time_cell(rows: list[dict], fedavg: list[dict] | None) -> str:
     fastest of the same model (protocol v2, "Time"), among the seeds that had the machine to
     themselves (`was_loaded`); when every seed was loaded, the fastest, marked loaded. The fastest,
     because a seed that shared the machine with other work is only slower. The ratio takes FedAvg's
-    seeds of the same timing basis only (`timing_basis`; none there: no ratio); a figure of basis 1
-    (fedkd's allocator setting before 2026-12-06, ~1.9x slower on resnet8) is marked "(basis 1)"."""
-    def fastest(group: list[dict]) -> tuple[float, bool, int] | None:
-        timed = [(r["seconds_per_round"], was_loaded(r), timing_basis(r)) for r in group if r.get("seconds_per_round")]
-        return min(timed, key=lambda t: (t[1], t[0]), default=None)
+    seeds timed comparably only (`comparable_timings`: the same timing basis and a machine of the
+    same speed; none: no ratio); a figure of basis 1 (fedkd's allocator setting before 2026-12-06,
+    ~1.9x slower on resnet8) is marked "(basis 1)"."""
+    def fastest(group: list[dict]) -> dict | None:
+        timed = [r for r in group if r.get("seconds_per_round")]
+        return min(timed, key=lambda r: (was_loaded(r), r["seconds_per_round"]), default=None)
 
     mine = fastest(rows)
     if mine is None:
         return "—"
-    theirs = fastest([r for r in fedavg or [] if timing_basis(r) == mine[2]])
-    ratio = f" ({mine[0] / theirs[0]:.1f}×)" if theirs else ""
-    return (f"{mine[0]:.1f}{ratio}" + (" loaded" if mine[1] or (theirs and theirs[1]) else "")
-            + (f" (basis {mine[2]})" if mine[2] < TIMING_BASIS else ""))
+    theirs = fastest([r for r in fedavg or [] if comparable_timings(r, mine)])
+    seconds, basis = mine["seconds_per_round"], timing_basis(mine)
+    ratio = f" ({seconds / theirs['seconds_per_round']:.1f}×)" if theirs else ""
+    return (f"{seconds:.1f}{ratio}" + (" loaded" if was_loaded(mine) or (theirs and was_loaded(theirs)) else "")
+            + (f" (basis {basis})" if basis < TIMING_BASIS else ""))
 
 
 Evidence = Callable[[Groups], str | None]  # one diagnostic, None while its runs are missing

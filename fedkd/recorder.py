@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -26,6 +28,30 @@ Listener = Callable[[str, int, int, int], None]  # phase, round, done, expected
 #: 128 KiB, up to 2026-12-06; 2: left dynamic (`fedkd.runtime.tame_malloc`), ~1.9x faster on a
 #: CIFAR-10 ResNet-8 round. Raise it with any change that moves s/round for the same config.
 TIMING_BASIS = 2
+
+
+def speed_probe_ms(repeats: int = 5) -> float:
+    """How fast this machine is now: the median milliseconds of one fixed workload (a 3x3
+    convolution's forward and backward on a 4x16x32x32 batch, one thread; ~10 ms in all). Each
+    round records it after its wall time is taken, while the clients are idle, because sessions'
+    machines differ (one FedAvg run took 12.5 and 4.7 s/round on two of them): s/round figures
+    are divided by each other only when their probes agree."""
+    import torch  # the driver has it loaded already; the recorder itself needs no torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(4, 16, 32, 32, generator=gen, requires_grad=True)
+        w = torch.randn(16, 16, 3, 3, generator=gen, requires_grad=True)
+        times = []
+        for _ in range(repeats + 1):  # the first call also builds the kernel: left out
+            started = time.perf_counter()
+            torch.nn.functional.conv2d(x, w, padding=1).square().sum().backward()
+            times.append(time.perf_counter() - started)
+        return round(1000 * statistics.median(times[1:]), 3)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def finite_json(record: dict[str, Any]) -> dict[str, Any]:
@@ -135,10 +161,11 @@ class Recorder:
 
     def round_time(self, server_round: int, seconds: float) -> None:
         """The round's wall time, with the driver machine's 1-minute load average and CPU count
-        at its end (the report marks a run whose rounds shared the machine as loaded) and the
-        timing basis it was measured under (`fedkd.runtime.TIMING_BASIS`)."""
+        at its end (the report marks a run whose rounds shared the machine as loaded), the timing
+        basis it was measured under (`TIMING_BASIS`) and how fast the machine was (`speed_probe_ms`)."""
         self.write({"round": server_round, "phase": "round", "seconds": seconds,
-                    "load": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(), "timing": TIMING_BASIS})
+                    "load": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(), "timing": TIMING_BASIS,
+                    "probe_ms": speed_probe_ms()})
 
     def close(self) -> None:
         self._file.close()

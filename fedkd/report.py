@@ -166,15 +166,34 @@ def machine_load(rounds: Sequence[dict]) -> dict | None:
     """The median 1-minute load average at the end of rounds 2..R (all rounds if fewer), the CPU
     count and whether the run was loaded: a median above CPUs + 1, more than the run's own actors
     and driver account for, so other work competed and its s/round is not a timing figure
-    (benchmark protocol v2, "Time"); and the timing basis of most of those rounds. None for
-    records without the load (older runs)."""
+    (benchmark protocol v2, "Time"); the timing basis of most of those rounds and the machine's
+    median speed probe (`fedkd.recorder.speed_probe_ms`; None before rounds recorded it). None
+    for records without the load (older runs)."""
     loads = [r for r in rounds if r.get("load") is not None]
     later = [r for r in loads if r["round"] >= 2] or loads
     if not later:
         return None
     median, cpus = statistics.median(r["load"] for r in later), max(r.get("cpus") or 1 for r in later)
+    probes = [r["probe_ms"] for r in later if r.get("probe_ms")]
     return {"median_load": median, "cpus": cpus, "loaded": median > cpus + 1,
-            "timing": statistics.median_low(r.get("timing") or 1 for r in later)}
+            "timing": statistics.median_low(r.get("timing") or 1 for r in later),
+            "probe_ms": statistics.median(probes) if probes else None}
+
+
+#: two runs' s/round are divided by each other only when their machines' probes are within this factor
+PROBE_TOLERANCE = 1.25
+
+
+def comparable_timings(a: dict, b: dict) -> bool:
+    """Whether two summaries' s/round may be divided by each other: the same timing basis, and
+    machines of the same speed (probes within PROBE_TOLERANCE of each other; two runs without a
+    probe, recorded before it existed, are taken as comparable, as they were before)."""
+    if timing_basis(a) != timing_basis(b):
+        return False
+    pa, pb = ((s.get("machine_load") or {}).get("probe_ms") for s in (a, b))
+    if pa is None or pb is None:
+        return pa is None and pb is None
+    return max(pa, pb) / min(pa, pb) <= PROBE_TOLERANCE
 
 
 def timing_basis(summary: dict) -> int:

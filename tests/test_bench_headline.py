@@ -211,3 +211,15 @@ def test_time_ratio_takes_fedavg_of_the_same_timing_basis_only() -> None:
     assert headline.time_cell([seed(12.0, TIMING_BASIS)], fedavg) == "12.0 (2.0×)"
     assert headline.time_cell([seed(12.0, TIMING_BASIS)], [seed(12.0, 1)]) == "12.0"  # no FedAvg on its basis
     assert headline.time_cell([seed(24.0, 1), seed(13.0, TIMING_BASIS)], fedavg) == "13.0 (2.2×)"
+
+
+def test_time_ratio_takes_fedavg_on_a_machine_of_the_same_speed_only() -> None:
+    """Sessions' machines differ (one FedAvg run: 12.5 and 4.7 s/round): a FedAvg seed from a machine
+    whose speed probe differs by more than 1.25x does not divide a run's s/round."""
+    def seed(t: float, probe: float) -> dict:
+        return {"seconds_per_round": t, "machine_load": {"median_load": 2.5, "cpus": 2, "loaded": False,
+                                                         "timing": TIMING_BASIS, "probe_ms": probe}}
+    fedavg = [seed(2.5, 0.8), seed(6.5, 2.1)]  # fast machine, slow machine
+    assert headline.time_cell([seed(13.0, 2.0)], fedavg) == "13.0 (2.0×)"  # against the slow one
+    assert headline.time_cell([seed(5.0, 0.9)], fedavg) == "5.0 (2.0×)"  # against the fast one
+    assert headline.time_cell([seed(5.0, 1.4)], fedavg) == "5.0"  # neither

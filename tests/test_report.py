@@ -99,9 +99,10 @@ def test_machine_load_marks_a_run_whose_rounds_shared_the_machine() -> None:
                 for i, x in enumerate(loads)]
     # round 1 (start-up) is left out of the median, as for s/round; the run's own 2 actors: ~2-3
     assert machine_load(rounds(9.0, 2.4, 2.9, 2.6)) == {"median_load": 2.6, "cpus": 2, "loaded": False,
-                                                        "timing": 1}  # rounds recorded before the basis
+                                                        "timing": 1, "probe_ms": None}  # rounds recorded before the basis
     assert machine_load(rounds(0.5, 3.4, 4.1, 2.2))["loaded"] is True  # median 3.4 > 2 + 1
-    assert machine_load(rounds(3.5)) == {"median_load": 3.5, "cpus": 2, "loaded": True, "timing": 1}  # one round
+    assert machine_load(rounds(3.5)) == {"median_load": 3.5, "cpus": 2, "loaded": True, "timing": 1,
+                                       "probe_ms": None}  # one round
     assert machine_load([{"round": 2, "phase": "round", "seconds": 1.0}]) is None  # recorded before loads
 
 
@@ -116,7 +117,7 @@ def test_timing_basis_is_recorded_with_each_round_and_read_back(tmp_path: Path) 
     recorder.round_time(1, 2.0)
     recorder.close()
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert record["timing"] == TIMING_BASIS >= 2
+    assert record["timing"] == TIMING_BASIS >= 2 and record["probe_ms"] > 0
     resumed = [{"round": r, "phase": "round", "seconds": 1.0, "load": 2.0, "cpus": 2,
                 **({"timing": 2} if r > 3 else {})} for r in range(1, 7)]  # rounds 4-6 after the resume
     assert timing_basis({"machine_load": machine_load(resumed)}) == 2  # 2..6: three of five on basis 2
@@ -129,7 +130,7 @@ def test_report_says_when_a_runs_rounds_shared_the_machine(tmp_path: Path) -> No
     run = make_run(tmp_path / "busy", extra=busy)
     write_outputs(run)
     assert json.loads((run / "summary.json").read_text())["machine_load"] == \
-        {"median_load": 4.2, "cpus": 2, "loaded": True, "timing": 1}
+        {"median_load": 4.2, "cpus": 2, "loaded": True, "timing": 1, "probe_ms": None}
     assert "machine load 4.2 on 2 CPUs (loaded: other work shared the machine; not a timing figure)" \
         in " ".join((run / "report.md").read_text().split())  # the list item wraps
 
@@ -247,3 +248,17 @@ def test_before_after_pairs_become_their_mean_difference_over_clients_and_rounds
     assert s["extra_metrics"]["post_minus_pre_excitation_local_accuracy"] == pytest.approx(0.0)
     md = sweep_table([{"run": "pse", **s}])
     assert "| post_minus_pre_excitation_accuracy | -0.0250 |" in md
+
+
+def test_timings_compare_on_the_same_basis_and_a_machine_of_the_same_speed() -> None:
+    from fedkd.report import comparable_timings
+
+    def run(basis: int | None = 2, probe: float | None = 1.0) -> dict:
+        return {"machine_load": {"median_load": 2.0, "cpus": 2, "loaded": False, "timing": basis,
+                                 "probe_ms": probe}}
+    assert comparable_timings(run(probe=1.0), run(probe=1.2))  # within 1.25x
+    assert not comparable_timings(run(probe=1.0), run(probe=2.6))  # another session's slower machine
+    assert not comparable_timings(run(basis=1, probe=None), run())  # the old allocator setting
+    assert comparable_timings(run(basis=1, probe=None), run(basis=None, probe=None))  # both before the probe
+    assert comparable_timings({}, run(basis=1, probe=None))  # no loads recorded at all: basis 1
+    assert not comparable_timings(run(probe=None), run(probe=1.0))
