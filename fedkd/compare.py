@@ -56,11 +56,11 @@ def run_labels(run_dirs: Sequence[Path]) -> tuple[list[str], list[str]]:
 
 @dataclass
 class Compared:
-    """What `compare` wrote, for the caller to show: the runs' labels and summaries."""
+    """What `compare` wrote, for the caller to show: the runs' labels, summaries and metric table."""
     labels: list[str]
     summaries: list[dict]
     keys: list[str]
-    out_dir: Path
+    table: Block  # compare.md's metric table (`metric_table`)
 
     @property
     def differs(self) -> str:
@@ -71,7 +71,7 @@ class Compared:
     @property
     def markdown(self) -> str:
         """The sentence and the metric table of compare.md (where the output is kept)."""
-        return to_markdown([("p", self.differs), metric_table(self.labels, self.summaries)])
+        return to_markdown([("p", self.differs), self.table])
 
     def terminal_table(self) -> "Table":
         """One row per run within 80 columns (long labels wrap): the headline (last round,
@@ -123,15 +123,14 @@ def compare(run_dirs: Sequence[Path], out_dir: Path) -> Compared:
     out_dir.mkdir(parents=True, exist_ok=True)
     sums = [summarize(d) for d in run_dirs]
     labels, keys = run_labels(run_dirs)
-    result = Compared(labels, sums, keys, out_dir)
-    table = metric_table(labels, sums)
+    result = Compared(labels, sums, keys, metric_table(labels, sums))
     plots.compare_accuracy(list(zip(labels, (s["per_round"] for s in sums))), out_dir / "compare.png")
     per_client = [[r["accuracy"] for r in client_rows(d) if r["accuracy"] is not None] for d in run_dirs]
     plots.compare_clients(list(zip(labels, per_client)), out_dir / "compare_clients.png")
     blocks: list[Block] = [
         ("h1", "fedkd run comparison"),
         ("ul", [f"{label}: {d}" for label, d in zip(labels, run_dirs)]),
-        ("p", result.differs), table,
+        ("p", result.differs), result.table,
         ("img", "compare.png", "Accuracy over rounds",
          "Example-weighted accuracy per round, one line per run; band: ±1 std across clients."),
         ("img", "compare_clients.png", "Per-client accuracy per run",
