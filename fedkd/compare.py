@@ -32,7 +32,11 @@ def is_run_dir(path: Path) -> bool:
 
 def differing_keys(configs: Sequence[dict]) -> list[str]:
     """Dotted config keys whose values are not the same in every config (in config order)."""
-    flat = [flatten(c) for c in configs]
+    return _differing([flatten(c) for c in configs])
+
+
+def _differing(flat: Sequence[dict]) -> list[str]:
+    """`differing_keys` of configs already flattened."""
     keys = list(dict.fromkeys(k for f in flat for k in f))
     return [k for k in keys if k not in IGNORED_KEYS
             and len({repr(f.get(k, "<unset>")) for f in flat}) > 1]
@@ -41,9 +45,8 @@ def differing_keys(configs: Sequence[dict]) -> list[str]:
 def run_labels(run_dirs: Sequence[Path]) -> tuple[list[str], list[str]]:
     """(labels, differing keys): `key=value` for up to LABEL_KEYS differing keys; the directory
     name where configs are the same or labels would collide."""
-    configs = [_config(Path(d)) for d in run_dirs]
-    keys = differing_keys(configs)
-    flat = [flatten(c) for c in configs]
+    flat = [flatten(_config(Path(d))) for d in run_dirs]
+    keys = _differing(flat)
     labels = [", ".join(f"{k}={f.get(k)}" for k in keys[:LABEL_KEYS])
               + (f" (+{len(keys) - LABEL_KEYS})" if len(keys) > LABEL_KEYS else "") for f in flat]
     names = [Path(d).name for d in run_dirs]

@@ -298,10 +298,7 @@ def terminal_table(rows: list[dict], against: Sequence[str] = ()) -> "Table":
         c = compare(grp, groups[ref]) if grp is not groups[ref] else None
         if c is None:
             return "—"
-        if len(c.seeds) > 1:
-            return c.verdict
-        table.caption = "* on one seed only: its sign decides"
-        return f"{c.verdict}*"
+        return c.verdict if len(c.seeds) > 1 else f"{c.verdict}*"
 
     for label, grp in groups.items():
         seconds = [g["seconds_per_round"] for g in grp if g.get("seconds_per_round") is not None]
@@ -309,6 +306,8 @@ def terminal_table(rows: list[dict], against: Sequence[str] = ()) -> "Table":
         table.add_row(label, *(mean_std([g[k] for g in grp if g.get(k) is not None], 3) for k in HEADLINES),
                       f"{statistics.fmean(seconds):.1f}{loaded}" if seconds else "n/a", str(len(grp)),
                       *(verdict(grp, ref) for ref in against))
+    if any(cell.endswith("*") for column in table.columns[5:] for cell in column.cells):
+        table.caption = "* on one seed only: its sign decides"
     return table
 
 

@@ -108,6 +108,7 @@ def test_terminal_table_fits_80_columns_with_the_verdicts() -> None:
     assert lines["pse-cn"] == ["0.820", "±", "0.010", "0.810", "±", "0.020", "10.0", "3", "mixed", "beats"]
     assert lines["local-"][-2:] == ["—", "beats"] and lines["fedavg"][-2:] == ["loses", "—"]
     assert lines["one-se"][-2:] == ["beats*", "beats*"] and "* on one seed only" in text
+    assert terminal_table(table[:-1], ["local-cnn", "fedavg-cnn"]).caption is None  # no one-seed row
 
 
 def test_sweep_table_counts_the_seeds_whose_rounds_shared_the_machine() -> None:
