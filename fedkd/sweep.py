@@ -300,13 +300,16 @@ def terminal_table(rows: list[dict], against: Sequence[str] = ()) -> "Table":
             return "—"
         return c.verdict if len(c.seeds) > 1 else f"{c.verdict}*"
 
+    one_seed = False
     for label, grp in groups.items():
         seconds = [g["seconds_per_round"] for g in grp if g.get("seconds_per_round") is not None]
         loaded = " loaded" if any(map(was_loaded, grp)) else ""
+        verdicts = [verdict(grp, ref) for ref in against]
+        one_seed = one_seed or any(v.endswith("*") for v in verdicts)
         table.add_row(label, *(mean_std([g[k] for g in grp if g.get(k) is not None], 3) for k in HEADLINES),
                       f"{statistics.fmean(seconds):.1f}{loaded}" if seconds else "n/a", str(len(grp)),
-                      *(verdict(grp, ref) for ref in against))
-    if any(cell.endswith("*") for column in table.columns[5:] for cell in column.cells):
+                      *verdicts)
+    if one_seed:
         table.caption = "* on one seed only: its sign decides"
     return table
 
