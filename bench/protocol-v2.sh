@@ -67,8 +67,8 @@ std-mnist() {  # v1's setting, the fidelity check: fedavg and local with drop_la
 tier2() {  # seed 0 only, after tier 1 (protocol v2; pse.md k; local-kd.md 2.5, 3.3; mhpflid.md lambda_l)
   local SEEDS=0 s
   [ "$FAILED" = 0 ] || echo "tier 2 starts although a sweep above failed: tier 1 is not complete" >&2
-  pse_rows cnn
-  pse_rows resnet8
+  # the short rows first (3-8 min each; they answer open questions in three discussions), then
+  # cifar10-long's PSE rows (25-60 min each)
   sweep $E/resolution-shift-mhpflid.yaml method.name=mhpflid --set method.lambda_local_inj=1.0 \
       --variant hetero-lambda_l1 --out $R/resolution-shift --against local-hetero
   for s in mnist-scarce fmnist-mild; do
@@ -78,6 +78,8 @@ tier2() {  # seed 0 only, after tier 1 (protocol v2; pse.md k; local-kd.md 2.5, 
   done
   sweep $E/fmnist-mild.yaml method.name=pse --set method.alpha_max=0.2 --variant amax0.2 \
       --out $R/fmnist-mild --against local,fedavg
+  pse_rows cnn
+  pse_rows resnet8
 }
 # pse_rows MODEL: tier 2's PSE rows on cifar10-long: the v1 defaults, the selection alone, no weight
 # motion, and on resnet8 the two ablations; with ONLY set, just the labels it names
