@@ -15,7 +15,8 @@ paper): each comparison it needs, whether it holds (see `judge`), and the specs'
 
 `--write` puts each setting's table between `<!-- headline -->` and `<!-- /headline -->` on its
 page and between `<!-- headline:SETTING -->` and `<!-- /headline:SETTING -->` in bench/README.md,
-and, when no SETTING is named, the claims between `<!-- claims -->` and `<!-- /claims -->` there,
+and, when no SETTING is named, the claims between `<!-- claims -->` and `<!-- /claims -->` there
+(and their verdicts, method by setting, between `<!-- claims-at-a-glance -->` and its end marker),
 so the pages follow the runs without numbers copied by hand.
 
 `--near-best PREFIX SETTING` prints the tier-2 rows to rerun on seeds 1-2 (`bench/protocol-v2.sh`'s
@@ -194,6 +195,7 @@ class Claim:
     against: tuple[tuple[str, str], ...]  # (relation, reference label)
     says: str
     evidence: tuple[Evidence, ...] = ()
+    case: str = ""  # which of a method's claims on one setting this is (PSE: the model)
 
 
 def _claims() -> list[Claim]:
@@ -213,7 +215,7 @@ def _claims() -> list[Claim]:
                                 "(local head)"),
                   # pse.md k's reading: does the excitation add to the attention, does it help alone
                   versus(f"pse-{m}-amax0.2", f"pse-{m}-attention_only"),
-                  versus(f"pse-{m}-excitation_only-amax0.2", f"local-{m}", "excitation only")))
+                  versus(f"pse-{m}-excitation_only-amax0.2", f"local-{m}", "excitation only")), m)
            for m in ("cnn", "resnet8")]
     out.append(Claim("MH-pFLID", "resolution-shift", "mhpflid-hetero", ((">", "local-hetero"),),
                      "local models > the same architectures trained alone",
@@ -266,6 +268,11 @@ def judge(claim: Claim, groups: Groups) -> tuple[str, list[str]]:
     return (outcome if seeds >= TIER1_SEEDS else f"open ({seeds} of {TIER1_SEEDS} seeds; so far: {outcome})"), cells
 
 
+def bold_verdict(outcome: str) -> str:
+    """A claim's verdict as the tables print it: the settled ones ('holds', 'fails') in bold."""
+    return f"**{outcome}**" if outcome in ("holds", "fails") else outcome
+
+
 def claims_table(settings: Sequence[str] = SETTINGS) -> str:
     """One row per claim: what it says, each paired comparison, and whether it holds."""
     groups = {setting: results(setting) for setting in settings}
@@ -273,13 +280,29 @@ def claims_table(settings: Sequence[str] = SETTINGS) -> str:
     for claim in CLAIMS:
         if claim.setting in groups:
             outcome, cells = judge(claim, groups[claim.setting])
-            word = f"**{outcome}**" if outcome in ("holds", "fails") else outcome
+            word = bold_verdict(outcome)
             evidence = [e for probe in claim.evidence if (e := probe(groups[claim.setting]))]
             body.append([claim.method, claim.setting, claim.says, "; ".join(cells), word,
                          "; ".join(evidence) or "—"])
     head = ["method", "setting", "claim", "paired by seed (Δ points: last round / last 3)", "verdict",
             "diagnostics"]
     return to_markdown([("table", head, body, TableOptions(left=len(head)))])
+
+
+def claims_at_a_glance(settings: Sequence[str] = SETTINGS) -> str:
+    """One row per seed method, one column per setting: the verdicts of `claims_table`, the short
+    answer a newcomer reads first ("—" where the protocol judges the method on another setting)."""
+    groups = {setting: results(setting) for setting in settings}
+    cells: dict[str, dict[str, list[str]]] = {}
+    for claim in CLAIMS:
+        if claim.setting in groups:
+            outcome = judge(claim, groups[claim.setting])[0]
+            word = bold_verdict(outcome)
+            cells.setdefault(claim.method, {}).setdefault(claim.setting, []).append(
+                f"{word} ({claim.case})" if claim.case else word)
+    body = [[method, *(", ".join(by_setting.get(s, [])) or "—" for s in settings)]
+            for method, by_setting in cells.items()]
+    return to_markdown([("table", ["method", *settings], body, TableOptions(left=1 + len(settings)))])
 
 
 def near_best(setting: str, prefix: str, points: float = 1.0) -> list[str]:
@@ -332,9 +355,11 @@ def main() -> None:
         index.write_text(replace_between(index.read_text(), f"headline:{setting}", table))
         print(f"{setting}: wrote {page.relative_to(BENCH.parent)} and {index.relative_to(BENCH.parent)}")
     if not args.write:
-        print(f"## Claims\n\n{claims_table(args.settings or SETTINGS)}")
-    elif not args.settings:  # the claims table spans every setting
-        index.write_text(replace_between(index.read_text(), "claims", claims_table()))
+        chosen = args.settings or SETTINGS
+        print(f"## Claims at a glance\n\n{claims_at_a_glance(chosen)}\n## Claims\n\n{claims_table(chosen)}")
+    elif not args.settings:  # the claims tables span every setting
+        text = replace_between(index.read_text(), "claims", claims_table())
+        index.write_text(replace_between(text, "claims-at-a-glance", claims_at_a_glance()))
         print(f"claims: wrote {index.relative_to(BENCH.parent)}")
 
 
