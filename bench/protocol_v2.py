@@ -273,33 +273,45 @@ def bold_verdict(outcome: str) -> str:
     return f"**{outcome}**" if outcome in ("holds", "fails") else outcome
 
 
-def claims_table(settings: Sequence[str] = SETTINGS) -> str:
-    """One row per claim: what it says, each paired comparison, and whether it holds."""
+@dataclass(frozen=True)
+class Verdict:
+    """A claim judged on its setting's results: the outcome, one cell per comparison, the diagnostics."""
+
+    claim: Claim
+    outcome: str
+    cells: list[str]
+    evidence: list[str]
+
+
+def verdicts(settings: Sequence[str] = SETTINGS) -> list[Verdict]:
+    """Every claim on `settings`, judged once (each setting's results read once) for both claim tables."""
     groups = {setting: results(setting) for setting in settings}
-    body = []
+    out = []
     for claim in CLAIMS:
         if claim.setting in groups:
-            outcome, cells = judge(claim, groups[claim.setting])
-            word = bold_verdict(outcome)
-            evidence = [e for probe in claim.evidence if (e := probe(groups[claim.setting]))]
-            body.append([claim.method, claim.setting, claim.says, "; ".join(cells), word,
-                         "; ".join(evidence) or "—"])
+            found = groups[claim.setting]
+            outcome, cells = judge(claim, found)
+            out.append(Verdict(claim, outcome, cells, [e for probe in claim.evidence if (e := probe(found))]))
+    return out
+
+
+def claims_table(judged: Sequence[Verdict]) -> str:
+    """One row per claim: what it says, each paired comparison, and whether it holds."""
+    body = [[v.claim.method, v.claim.setting, v.claim.says, "; ".join(v.cells), bold_verdict(v.outcome),
+             "; ".join(v.evidence) or "—"] for v in judged]
     head = ["method", "setting", "claim", "paired by seed (Δ points: last round / last 3)", "verdict",
             "diagnostics"]
     return to_markdown([("table", head, body, TableOptions(left=len(head)))])
 
 
-def claims_at_a_glance(settings: Sequence[str] = SETTINGS) -> str:
+def claims_at_a_glance(judged: Sequence[Verdict], settings: Sequence[str] = SETTINGS) -> str:
     """One row per seed method, one column per setting: the verdicts of `claims_table`, the short
     answer a newcomer reads first ("—" where the protocol judges the method on another setting)."""
-    groups = {setting: results(setting) for setting in settings}
     cells: dict[str, dict[str, list[str]]] = {}
-    for claim in CLAIMS:
-        if claim.setting in groups:
-            outcome = judge(claim, groups[claim.setting])[0]
-            word = bold_verdict(outcome)
-            cells.setdefault(claim.method, {}).setdefault(claim.setting, []).append(
-                f"{word} ({claim.case})" if claim.case else word)
+    for v in judged:
+        word = bold_verdict(v.outcome)
+        cells.setdefault(v.claim.method, {}).setdefault(v.claim.setting, []).append(
+            f"{word} ({v.claim.case})" if v.claim.case else word)
     body = [[method, *(", ".join(by_setting.get(s, [])) or "—" for s in settings)]
             for method, by_setting in cells.items()]
     return to_markdown([("table", ["method", *settings], body, TableOptions(left=1 + len(settings)))])
@@ -356,10 +368,12 @@ def main() -> None:
         print(f"{setting}: wrote {page.relative_to(BENCH.parent)} and {index.relative_to(BENCH.parent)}")
     if not args.write:
         chosen = args.settings or SETTINGS
-        print(f"## Claims at a glance\n\n{claims_at_a_glance(chosen)}\n## Claims\n\n{claims_table(chosen)}")
+        judged = verdicts(chosen)
+        print(f"## Claims at a glance\n\n{claims_at_a_glance(judged, chosen)}\n## Claims\n\n{claims_table(judged)}")
     elif not args.settings:  # the claims tables span every setting
-        text = replace_between(index.read_text(), "claims", claims_table())
-        index.write_text(replace_between(text, "claims-at-a-glance", claims_at_a_glance()))
+        judged = verdicts()
+        text = replace_between(index.read_text(), "claims", claims_table(judged))
+        index.write_text(replace_between(text, "claims-at-a-glance", claims_at_a_glance(judged)))
         print(f"claims: wrote {index.relative_to(BENCH.parent)}")
 
 

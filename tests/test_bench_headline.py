@@ -110,7 +110,7 @@ def test_a_claim_holds_ties_is_mixed_fails_or_waits_for_its_runs(bench: Path) ->
     write_results(bench, "mnist-scarce", "fedavg", [0.86, 0.85, 0.88], [0.86, 0.85, 0.88])
     outcome, _ = headline.judge(claim("FedProto", "mnist-scarce"), headline.results("mnist-scarce"))
     assert outcome == "tie"  # beats local, ties FedAvg: ">" is not met and nothing loses
-    table = headline.claims_table(["mnist-scarce"])
+    table = headline.claims_table(headline.verdicts(["mnist-scarce"]))
     assert "| FedKD | mnist-scarce |" in table and "| **holds** |" in table and "| **fails** |" in table
     assert "fmnist-mild" not in table
 
@@ -130,7 +130,8 @@ def test_claims_at_a_glance_give_each_methods_verdict_per_setting(bench: Path) -
     write_results(bench, "cifar10-long", "pse-cnn-amax0.2", [0.70, 0.71, 0.72], [0.70, 0.71, 0.72])
     write_results(bench, "mnist-scarce", "local", [0.80, 0.82, 0.81], [0.80, 0.82, 0.81])
     write_results(bench, "mnist-scarce", "fml", [0.78, 0.80, 0.79], [0.78, 0.80, 0.79])
-    lines = headline.claims_at_a_glance(["cifar10-long", "mnist-scarce"]).splitlines()
+    settings = ["cifar10-long", "mnist-scarce"]
+    lines = headline.claims_at_a_glance(headline.verdicts(settings), settings).splitlines()
     assert lines[0] == "| method | cifar10-long | mnist-scarce |"
     # PSE has one claim per model: loses to FedRep and Ditto on cnn, no resnet8 runs yet
     assert lines[2] == "| PSE | **fails** (cnn), pending (resnet8) | — |"
@@ -152,7 +153,7 @@ def test_claims_carry_the_specs_diagnostics(bench: Path) -> None:
     write_results(bench, "fmnist-mild", "fedkd_mentor", [0.8], [0.8], bytes_sent_per_client_round=[4000])
     write_results(bench, "fmnist-mild", "fedkd_mentor-mentee_cnn_narrow", [0.8], [0.8],
                   bytes_sent_per_client_round=[1000])
-    lines = headline.claims_table().splitlines()
+    lines = headline.claims_table(headline.verdicts()).splitlines()
     (mhpflid,) = [line for line in lines if line.startswith("| MH-pFLID |")]
     assert mhpflid.endswith("| meme: 0.4500 / 0.4500; Δ vs local-hetero per factor: x1 +0.00, x2 +2.00, "
                             "x4 +3.00, x8 +5.00 |")
