@@ -83,6 +83,11 @@ tier2() {  # seed 0 only, after tier 1 (protocol v2; pse.md k; local-kd.md 2.5, 
   # a class weigh as much as those with hundreds, and FedProto's prediction trails its own head
   sweep $E/fmnist-mild.yaml method.name=fedproto --set method.weighting=count --variant weighting_count \
       --out $R/fmnist-mild --against local,fedavg
+  # FedNTD ties FedAvg on fmnist-mild but differs from it twice: the not-true KL and uniform (PFLlib)
+  # instead of example-weighted averaging. FedNTD with FedAvg's weighting separates the two; seeds 0-2,
+  # because it re-reads a tier-1 verdict
+  SEEDS=0,1,2 sweep $E/fmnist-mild.yaml method.name=fedntd --set method.aggregation=examples \
+      --variant aggregation_examples --out $R/fmnist-mild --against local,fedavg
   pse_rows cnn
   pse_rows resnet8
 }
