@@ -76,7 +76,9 @@ tier2() {  # seed 0 only, after tier 1 (protocol v2; pse.md k; local-kd.md 2.5, 
     sweep $E/$s.yaml method.name=fedkd_mentor --set method.mentee_model=cnn_narrow --set method.compress=true \
         --set method.share=update --variant mentee_cnn_narrow-update_codec --out $R/$s --against local,fedavg
   done
-  sweep $E/fmnist-mild.yaml method.name=pse --set method.alpha_max=0.2 --variant amax0.2 \
+  # PSE v2 on fmnist-mild: seeds 0-2, because on seed 0 it beat every tier-1 row of the setting (+1.6 points
+  # over local training, +1.0 over FedRep) and its claim can only be judged on three seeds
+  SEEDS=0,1,2 sweep $E/fmnist-mild.yaml method.name=pse --set method.alpha_max=0.2 --variant amax0.2 \
       --out $R/fmnist-mild --against local,fedavg
   # FedProto's global prototypes weighted by class counts (the paper's equation) instead of uniformly
   # over the clients holding the class: on fmnist-mild's Dirichlet split, clients with 1-10 samples of
