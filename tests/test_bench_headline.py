@@ -139,6 +139,16 @@ def test_claims_at_a_glance_give_each_methods_verdict_per_setting(bench: Path) -
     assert not any(line.startswith("| FedNTD |") for line in lines)  # judged on fmnist-mild only
 
 
+def test_pse_claim_on_fmnist_mild_reads_the_unsuffixed_labels(bench: Path) -> None:
+    for label, acc in (("fedavg", 0.80), ("fedrep", 0.87), ("ditto", 0.87), ("pse-amax0.2", 0.89)):
+        write_results(bench, "fmnist-mild", label, [acc, acc + 0.01, acc - 0.01], [acc, acc + 0.01, acc - 0.01])
+    outcome, cells = headline.judge(claim("PSE", "fmnist-mild"), headline.results("fmnist-mild"))
+    assert outcome == "holds"
+    assert [c.split(":")[0] for c in cells] == ["> fedavg", ">= fedrep", ">= ditto"]
+    lines = headline.claims_at_a_glance(headline.verdicts(["fmnist-mild"]), ["fmnist-mild"]).splitlines()
+    assert "| PSE | **holds** |" in lines
+
+
 def test_claims_carry_the_specs_diagnostics(bench: Path) -> None:
     factors = lambda *accs: [{f"x{f}": {"accuracy": a} for f, a in zip((1, 2, 4, 8), accs)}]  # noqa: E731
     write_results(bench, "resolution-shift", "local-hetero", [0.5], [0.5], per_factor=factors(0.6, 0.5, 0.4, 0.3))
