@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from fedkd.clients.class_tables import NearestPrototype, prototype_logits
+from fedkd.clients.mixclap import embed_all
 from fedkd.config import from_yaml
 from fedkd.data import ClientSplit, load_federated
 from fedkd.kd import class_means
@@ -41,18 +41,13 @@ RARE = 10  # a class with fewer training samples than this counts as rare for th
 
 
 @torch.no_grad()
-def features_of(model: NearestPrototype, x: Tensor, batch: int = 1000) -> Tensor:
-    return torch.cat([model.model.features(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
-@torch.no_grad()
 def client_scores(model: NearestPrototype, split: ClientSplit, num_classes: int) -> dict[str, int]:
     """Correct test predictions under each rule, the test count, and the test samples of rare classes."""
     x_test, y_test = torch.from_numpy(split.x_test), torch.from_numpy(split.y_test)
-    own_means, counts = class_means(features_of(model, torch.from_numpy(split.x_train)),
+    own_means, counts = class_means(embed_all(model.model.features, torch.from_numpy(split.x_train)),
                                     torch.from_numpy(split.y_train), num_classes)
     held = counts > 0
-    feats = features_of(model, x_test)
+    feats = embed_all(model.model.features, x_test)
     head = model.model.head(feats)
     nearest = prototype_logits(feats, model.prototypes, model.present)
     logits = {"nearest global": nearest,
